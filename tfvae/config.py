@@ -1,0 +1,162 @@
+"""Typed, validated configuration for tfvae models and training runs.
+
+The command line (bin/train) turns flags into these dataclasses; library code only ever sees
+them. Every check runs in `__post_init__`, so a bad value fails before any data is read or any
+graph is built, with one line that names the field and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+LIKELIHOODS = ("bernoulli", "gaussian", "gaussian_fixed")
+ARCHITECTURES = ("mlp", "conv")
+OBJECTIVES = ("elbo", "iwae")
+DATASETS = ("mnist", "binarized_mnist", "frey_face")
+OPTIMIZERS = ("adam", "adamw", "adagrad", "sgd", "rmsprop")
+STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
+
+
+class ConfigError(ValueError):
+  """A configuration value that cannot work; the message names the field and the fix."""
+
+
+def _require(condition: bool, message: str) -> None:
+  if not condition:
+    raise ConfigError(message)
+
+
+def _one_of(name: str, value: str, choices: tuple[str, ...]) -> None:
+  _require(value in choices, f"{name}={value!r} is not one of {', '.join(choices)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Everything that defines a VAE's architecture and objective.
+
+  Attributes:
+    image_shape: (height, width, channels) of one example.
+    latent_size: dimension J of z.
+    hidden_sizes: widths of the hidden layers of the MLP (encoder order; the decoder mirrors
+      them), or the channel counts of the conv layers.
+    architecture: "mlp" (as in the paper) or "conv".
+    activation: any Keras activation name for the hidden layers ("tanh" in the paper).
+    likelihood: "bernoulli" (binary pixels, from logits), "gaussian" (learned per-pixel scale,
+      paper appendix C) or "gaussian_fixed" (scale = observation_scale).
+    observation_scale: the fixed pixel standard deviation of "gaussian_fixed".
+    num_samples: L, the Monte Carlo samples of z per example (K for the IWAE bound).
+    objective: "elbo" (Kingma & Welling, eq. 10) or "iwae" (Burda et al., 2015).
+    beta: weight of the KL term in the training loss; 1 is the ELBO, 0 an auto-encoder.
+  """
+
+  image_shape: tuple[int, int, int] = (28, 28, 1)
+  latent_size: int = 20
+  hidden_sizes: tuple[int, ...] = (500,)
+  architecture: str = "mlp"
+  activation: str = "tanh"
+  likelihood: str = "bernoulli"
+  observation_scale: float | None = None
+  num_samples: int = 1
+  objective: str = "elbo"
+  beta: float = 1.0
+
+  def __post_init__(self):
+    # Normalize sequences so configs from JSON (lists) compare equal to configs from code.
+    object.__setattr__(self, "image_shape", tuple(int(d) for d in self.image_shape))
+    object.__setattr__(self, "hidden_sizes", tuple(int(h) for h in self.hidden_sizes))
+    _require(len(self.image_shape) == 3 and all(d > 0 for d in self.image_shape),
+             f"image_shape={self.image_shape} must be (height, width, channels), all positive")
+    _require(self.latent_size >= 1,
+             f"latent_size={self.latent_size} must be at least 1 (the paper uses 2 to 200)")
+    _require(len(self.hidden_sizes) >= 1 and all(h >= 1 for h in self.hidden_sizes),
+             f"hidden_sizes={self.hidden_sizes} needs at least one positive width, e.g. 500")
+    _one_of("architecture", self.architecture, ARCHITECTURES)
+    _one_of("likelihood", self.likelihood, LIKELIHOODS)
+    _one_of("objective", self.objective, OBJECTIVES)
+    _require(self.num_samples >= 1, f"num_samples={self.num_samples} must be at least 1")
+    _require(not (self.objective == "iwae" and self.num_samples < 2),
+             "objective=iwae with num_samples=1 is just the ELBO; pass --num_samples=K with K >= 2"
+             " (Burda et al. use K=5 or 50)")
+    _require(math.isfinite(self.beta) and self.beta >= 0,
+             f"beta={self.beta} must be a finite number >= 0 (1 is the ELBO, 0 an auto-encoder)")
+    _require(self.objective != "iwae" or self.beta == 1.0,
+             f"objective=iwae has no KL weight; drop --beta={self.beta} or use --objective=elbo")
+    if self.likelihood == "gaussian_fixed":
+      _require(self.observation_scale is not None and math.isfinite(self.observation_scale)
+               and self.observation_scale > 0,
+               "likelihood=gaussian_fixed needs a positive --observation_scale, e.g. 0.1")
+    else:
+      _require(self.observation_scale is None,
+               f"observation_scale is only used by likelihood=gaussian_fixed, not {self.likelihood};"
+               " drop --observation_scale or pass --likelihood=gaussian_fixed")
+    if self.architecture == "conv":
+      height, width, _ = self.image_shape
+      _require(height % 4 == 0 and width % 4 == 0,
+               f"architecture=conv halves the image twice, so height and width must be multiples"
+               f" of 4, not {height}x{width}; use --architecture=mlp")
+
+  def to_dict(self) -> dict[str, Any]:
+    """Returns a JSON-friendly dict that `from_dict` turns back into an equal config."""
+    values = dataclasses.asdict(self)
+    values["image_shape"] = list(self.image_shape)
+    values["hidden_sizes"] = list(self.hidden_sizes)
+    return values
+
+  @classmethod
+  def from_dict(cls, values: dict[str, Any]) -> ModelConfig:
+    return cls(**values)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """How to train: data, optimization, randomness, outputs.
+
+  Attributes:
+    dataset: "mnist", "binarized_mnist", "frey_face" or "npz:PATH".
+    data_dir: folder holding <dataset>/<canonical file>; None means $TFVAE_DATA_DIR, else the
+      Keras cache (~/.keras/datasets).
+    batch_size: M, examples per step.
+    epochs: passes over the training set.
+    optimizer: "adam", "adamw", "adagrad", "sgd" or "rmsprop".
+    learning_rate: step size of the optimizer.
+    weight_decay: decoupled weight decay (AdamW style), 0 for none.
+    seed: seeds weights, shuffling, binarization and the reparameterization noise.
+    max_examples: keep only the first N training examples (quick runs); None keeps all.
+    eval_num_samples: K for the importance-sampled test log-likelihood at the end; 0 skips it.
+    strategy: tf.distribute strategy name.
+    mixed_precision: compute in 16-bit floats, keep the objective in float32.
+  """
+
+  dataset: str = "mnist"
+  data_dir: str | None = None
+  batch_size: int = 100
+  epochs: int = 50
+  optimizer: str = "adam"
+  learning_rate: float = 1e-3
+  weight_decay: float = 0.0
+  seed: int = 0
+  max_examples: int | None = None
+  eval_num_samples: int = 0
+  strategy: str = "default"
+  mixed_precision: bool = False
+
+  def __post_init__(self):
+    if not self.dataset.startswith("npz:"):
+      _require(self.dataset in DATASETS,
+               f"dataset={self.dataset!r} is not one of {', '.join(DATASETS)} or npz:PATH")
+    else:
+      _require(len(self.dataset) > 4, "dataset=npz: needs a path, e.g. npz:/data/faces.npz")
+    _require(self.batch_size >= 1, f"batch_size={self.batch_size} must be at least 1")
+    _require(self.epochs >= 1, f"epochs={self.epochs} must be at least 1")
+    _one_of("optimizer", self.optimizer, OPTIMIZERS)
+    _require(math.isfinite(self.learning_rate) and self.learning_rate > 0,
+             f"learning_rate={self.learning_rate} must be a positive number, e.g. 1e-3")
+    _require(math.isfinite(self.weight_decay) and self.weight_decay >= 0,
+             f"weight_decay={self.weight_decay} must be >= 0")
+    _require(self.max_examples is None or self.max_examples >= 1,
+             f"max_examples={self.max_examples} must be at least 1 (or unset for all)")
+    _require(self.eval_num_samples >= 0,
+             f"eval_num_samples={self.eval_num_samples} must be >= 0 (0 skips the estimate)")
+    _one_of("strategy", self.strategy, STRATEGIES)

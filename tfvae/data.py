@@ -1,0 +1,366 @@
+"""Datasets: canonical files, checksums, parsing, and tf.data pipelines.
+
+Every dataset becomes a `Dataset` of uint8 (grey levels 0..255) or float32 (in [0, 1]) images
+shaped [N, H, W, C]. The pipelines turn them into float32 batches in [0, 1]; for the Bernoulli
+likelihood, grey-level training images are binarized afresh each epoch, x ~ Bernoulli(pixel),
+and test images once with a fixed seed, so test numbers are comparable across runs.
+
+Files are looked up in <data_dir>/<dataset>/<canonical name>, data_dir being the argument, else
+$TFVAE_DATA_DIR, else the Keras cache (~/.keras/datasets). A missing file is downloaded from its
+canonical URL; a file whose sha256 differs from the canonical one is never parsed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import hashlib
+import io
+import os
+import pathlib
+import struct
+import zlib
+
+import numpy as np
+import tensorflow as tf
+
+# Binarization seed of fixed (test) sets; a constant so every run scores the same test bits.
+TEST_BINARIZATION_SEED = 1312_6114
+
+_MNIST_URL = "https://storage.googleapis.com/cvdf-datasets/mnist/"
+_BINARIZED_MNIST_URL = "http://www.cs.toronto.edu/~larocheh/public/datasets/binarized_mnist/"
+_FREY_FACE_URL = "https://cs.nyu.edu/~roweis/data/"
+
+# dataset -> canonical file name -> (sha256 of the file, or None when checked after decoding).
+_FILES = {
+    "mnist": {
+        "train-images-idx3-ubyte.gz":
+            "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609",
+        "t10k-images-idx3-ubyte.gz":
+            "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6",
+    },
+    "binarized_mnist": {
+        "binarized_mnist_train.amat":
+            "ad693b29f94c14277b095f5238ddefbbdaaae0939789dd2f4f0205278cee3e4d",
+        "binarized_mnist_valid.amat":
+            "1de3d397c40fe8eeb33dafd4099a1f665ec01e96d9be234aaeeac8a34930e2e2",
+        "binarized_mnist_test.amat":
+            "e6687bfea3f820c174f33b7865140b2a2dd2930ef786f35d45795fc193b5ab2c",
+    },
+    # .mat files differ byte-wise between faithful encoders: check the decoded `ff` instead.
+    "frey_face": {"frey_rawface.mat": None},
+}
+_URLS = {"mnist": _MNIST_URL, "binarized_mnist": _BINARIZED_MNIST_URL,
+         "frey_face": _FREY_FACE_URL}
+_FREY_FACE_ARRAY_SHA256 = "fbd70c2c992104024a20f4d253da1a1132eb6bf8ed142dccbe7d2b1743b705c4"
+_FREY_FACE_TEST_FRACTION = 0.1
+
+
+class DataError(ValueError):
+  """A data file or array that cannot be used; the message names it and the fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+  """A train/test pair of images, [N, H, W, C], uint8 0..255 or float32 in [0, 1].
+
+  Attributes:
+    name: the dataset's name ("mnist", ..., "npz:PATH").
+    x_train, x_test: the images.
+    binary: True when every pixel is already 0 or 1 (no binarization needed).
+  """
+
+  name: str
+  x_train: np.ndarray
+  x_test: np.ndarray
+  binary: bool
+
+  @property
+  def image_shape(self) -> tuple[int, int, int]:
+    return tuple(self.x_train.shape[1:])
+
+
+# ---- locating and verifying files -----------------------------------------------------------
+
+def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> pathlib.Path:
+  """--data_dir, else $TFVAE_DATA_DIR, else the Keras cache (~/.keras/datasets)."""
+  if data_dir:
+    return pathlib.Path(data_dir).expanduser()
+  if os.environ.get("TFVAE_DATA_DIR"):
+    return pathlib.Path(os.environ["TFVAE_DATA_DIR"]).expanduser()
+  return pathlib.Path(os.environ.get("KERAS_HOME", "~/.keras")).expanduser() / "datasets"
+
+
+def sha256_of(path: pathlib.Path) -> str:
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      digest.update(block)
+  return digest.hexdigest()
+
+
+def fetch(dataset: str, filename: str, data_dir=None) -> pathlib.Path:
+  """Returns the verified path of a canonical file, downloading it when missing.
+
+  Raises:
+    DataError: the file's sha256 differs from the canonical one, or it cannot be downloaded.
+  """
+  root = resolve_data_dir(data_dir)
+  path = root / dataset / filename
+  expected = _FILES[dataset][filename]
+  if not path.exists():
+    import keras  # Only needed to download.
+    try:
+      keras.utils.get_file(fname=filename, origin=_URLS[dataset] + filename, file_hash=expected,
+                           hash_algorithm="sha256", cache_dir=str(root), cache_subdir=dataset)
+    except Exception as e:  # noqa: BLE001 -- network, permission and hash errors alike.
+      raise DataError(f"{path}: missing and could not be downloaded from {_URLS[dataset]}"
+                      f"{filename} ({e}); put the file there or pass --data_dir") from e
+  if expected is not None:
+    actual = sha256_of(path)
+    if actual != expected:
+      raise DataError(f"{path}: sha256 {actual}, expected {expected}; the file is corrupt or"
+                      f" not the canonical one: delete it to download it again, or pass"
+                      f" --data_dir")
+  return path
+
+
+# ---- parsers ---------------------------------------------------------------------------------
+
+def parse_idx_images(raw: bytes, source: str = "<bytes>") -> np.ndarray:
+  """Decodes a (gzipped) IDX3 image file into uint8 [N, rows, cols, 1].
+
+  Raises:
+    DataError: not gzip, a wrong magic number, or a size that disagrees with the header.
+  """
+  if raw[:2] == b"\x1f\x8b":
+    try:
+      raw = gzip.decompress(raw)
+    except (OSError, EOFError, zlib.error) as e:
+      raise DataError(f"{source}: corrupt or truncated gzip ({e}); delete it to download it"
+                      f" again") from e
+  if len(raw) < 16:
+    raise DataError(f"{source}: {len(raw)} bytes is too short for an IDX image header")
+  magic, count, rows, cols = struct.unpack(">IIII", raw[:16])
+  if magic != 0x00000803:
+    raise DataError(f"{source}: IDX magic number {magic:#010x}, expected 0x00000803 (unsigned"
+                    f" bytes, 3 dimensions); this is not an MNIST image file")
+  expected = count * rows * cols
+  if len(raw) - 16 != expected or expected == 0:
+    raise DataError(f"{source}: header says {count} images of {rows}x{cols} ({expected} bytes)"
+                    f" but {len(raw) - 16} bytes follow; the file is truncated or corrupt")
+  return np.frombuffer(raw, np.uint8, offset=16).reshape(count, rows, cols, 1)
+
+
+def parse_amat(raw: bytes, source: str = "<bytes>", image_shape=(28, 28)) -> np.ndarray:
+  """Decodes a binarized-MNIST .amat text file (one image of 0/1 per line) into uint8 [N, 28, 28, 1]."""
+  size = image_shape[0] * image_shape[1]
+  values = np.frombuffer(raw, np.uint8)
+  # Fast path: the canonical layout is one digit and one separator per pixel.
+  if (len(raw) % (2 * size) == 0 and len(raw) > 0
+      and np.all((values[1::2] == ord(" ")) | (values[1::2] == ord("\n")))):
+    digits = values[0::2] - ord("0")
+  else:
+    try:
+      digits = np.array([int(token) for token in raw.split()], dtype=np.int64)
+    except ValueError as e:
+      raise DataError(f"{source}: not an .amat file of 0/1 pixels ({e})") from e
+  if digits.size == 0 or digits.size % size:
+    raise DataError(f"{source}: {digits.size} pixels is not a positive multiple of {size}"
+                    f" ({image_shape[0]}x{image_shape[1]} images); the file is truncated")
+  if np.any((digits != 0) & (digits != 1)):
+    raise DataError(f"{source}: pixels other than 0 and 1; this is not binarized MNIST")
+  return digits.astype(np.uint8).reshape(-1, *image_shape, 1)
+
+
+def parse_frey_face(raw: bytes, source: str = "<bytes>", check_sha256: bool = True) -> np.ndarray:
+  """Decodes frey_rawface.mat into uint8 [1965, 28, 20, 1] (images are ff.T.reshape(-1, 28, 20))."""
+  import scipy.io
+  try:
+    contents = scipy.io.loadmat(io.BytesIO(raw))
+  except Exception as e:  # noqa: BLE001 -- scipy raises many types for bad files.
+    raise DataError(f"{source}: not a readable .mat file ({type(e).__name__}: {e}); delete it to"
+                    f" download it again") from e
+  if "ff" not in contents:
+    raise DataError(f"{source}: no variable `ff` in the .mat file (found"
+                    f" {sorted(k for k in contents if not k.startswith('__'))}); this is not"
+                    f" frey_rawface.mat")
+  ff = np.ascontiguousarray(contents["ff"])
+  if ff.dtype != np.uint8 or ff.ndim != 2 or ff.shape[0] != 28 * 20:
+    raise DataError(f"{source}: `ff` is {ff.dtype} {ff.shape}, expected uint8 (560, N)")
+  if check_sha256:
+    actual = hashlib.sha256(ff.tobytes()).hexdigest()
+    if actual != _FREY_FACE_ARRAY_SHA256:
+      raise DataError(f"{source}: decoded `ff` has sha256 {actual}, expected"
+                      f" {_FREY_FACE_ARRAY_SHA256}; delete the file to download it again")
+  return ff.T.reshape(-1, 28, 20, 1)
+
+
+def check_images(x, source: str) -> np.ndarray:
+  """Validates a user's image array and returns it as [N, H, W, C] uint8 or float32.
+
+  Raises:
+    DataError: empty, wrong rank, non-numeric, NaN/Inf, or floats outside [0, 1].
+  """
+  x = np.asarray(x)
+  if x.ndim == 3:
+    x = x[..., np.newaxis]
+  if x.ndim != 4:
+    raise DataError(f"{source}: shape {x.shape}; expected [N, H, W] or [N, H, W, C] images")
+  if x.shape[0] == 0 or 0 in x.shape:
+    raise DataError(f"{source}: shape {x.shape} holds no images")
+  if x.dtype == np.uint8:
+    return x
+  if not np.issubdtype(x.dtype, np.floating) and not np.issubdtype(x.dtype, np.integer):
+    raise DataError(f"{source}: dtype {x.dtype}; expected uint8 in 0..255 or floats in [0, 1]")
+  x = x.astype(np.float32)
+  if not np.all(np.isfinite(x)):
+    raise DataError(f"{source}: {np.size(x) - np.isfinite(x).sum()} NaN or Inf pixels; clean"
+                    f" the data first")
+  if x.min() < 0 or x.max() > 1:
+    raise DataError(f"{source}: values in [{x.min():g}, {x.max():g}]; expected uint8 0..255 or"
+                    f" floats in [0, 1] (divide by 255?)")
+  return x
+
+
+def _is_binary(x: np.ndarray) -> bool:
+  return bool(np.all((x == 0) | (x == 1)))
+
+
+# ---- datasets --------------------------------------------------------------------------------
+
+def _read(path: pathlib.Path) -> bytes:
+  return path.read_bytes()
+
+
+def _load_mnist(data_dir):
+  train, test = (parse_idx_images(_read(p), str(p)) for p in (
+      fetch("mnist", "train-images-idx3-ubyte.gz", data_dir),
+      fetch("mnist", "t10k-images-idx3-ubyte.gz", data_dir)))
+  return train, test, False
+
+
+def _load_binarized_mnist(data_dir):
+  train, test = (parse_amat(_read(p), str(p)) for p in (
+      fetch("binarized_mnist", "binarized_mnist_train.amat", data_dir),
+      fetch("binarized_mnist", "binarized_mnist_test.amat", data_dir)))
+  return train, test, True
+
+
+def _load_frey_face(data_dir):
+  path = fetch("frey_face", "frey_rawface.mat", data_dir)
+  images = parse_frey_face(_read(path), str(path))  # [1965, 28, 20, 1]
+  order = np.random.default_rng(0).permutation(len(images))
+  num_test = int(round(len(images) * _FREY_FACE_TEST_FRACTION))
+  return images[order[num_test:]], images[order[:num_test]], False
+
+
+def _load_npz(path: str):
+  try:
+    with np.load(path, allow_pickle=False) as contents:
+      missing = [k for k in ("x_train", "x_test") if k not in contents]
+      if missing:
+        raise DataError(f"{path}: no array {' or '.join(missing)} (found {sorted(contents)});"
+                        f" save x_train and x_test, e.g. np.savez(path, x_train=..., x_test=...)")
+      train = check_images(contents["x_train"], f"{path}:x_train")
+      test = check_images(contents["x_test"], f"{path}:x_test")
+  except (OSError, ValueError, zlib.error) as e:
+    if isinstance(e, DataError):
+      raise
+    raise DataError(f"{path}: not a readable .npz file ({e})") from e
+  if train.shape[1:] != test.shape[1:]:
+    raise DataError(f"{path}: x_train images are {train.shape[1:]} but x_test images are"
+                    f" {test.shape[1:]}; they must match")
+  return train, test, _is_binary(train) and _is_binary(test)
+
+
+def load(name: str, data_dir=None, max_examples: int | None = None) -> Dataset:
+  """Loads a dataset by name: mnist, binarized_mnist, frey_face, or npz:PATH.
+
+  Args:
+    name: the dataset.
+    data_dir: see `resolve_data_dir`.
+    max_examples: keep only the first max_examples training images.
+
+  Raises:
+    DataError: an unknown name, a missing, corrupt or non-canonical file, or bad arrays.
+  """
+  if name.startswith("npz:"):
+    train, test, binary = _load_npz(name[len("npz:"):])
+  elif name == "mnist":
+    train, test, binary = _load_mnist(data_dir)
+  elif name == "binarized_mnist":
+    train, test, binary = _load_binarized_mnist(data_dir)
+  elif name == "frey_face":
+    train, test, binary = _load_frey_face(data_dir)
+  else:
+    raise DataError(f"unknown dataset {name!r}; use mnist, binarized_mnist, frey_face or npz:PATH")
+  if max_examples is not None:
+    train = train[:max_examples]
+  return Dataset(name=name, x_train=train, x_test=test, binary=binary)
+
+
+# ---- pipelines -------------------------------------------------------------------------------
+
+def to_unit_float(images) -> tf.Tensor:
+  """uint8 0..255 -> float32 /255; floats pass through as float32."""
+  if images.dtype == tf.uint8:
+    return tf.cast(images, tf.float32) / 255.0
+  return tf.cast(images, tf.float32)
+
+
+def binarize(images: np.ndarray, seed: int = TEST_BINARIZATION_SEED) -> np.ndarray:
+  """x ~ Bernoulli(pixel), once, with a fixed seed; float32 [N, H, W, C] of 0 and 1."""
+  probabilities = to_unit_float(tf.convert_to_tensor(images)).numpy()
+  uniform = np.random.default_rng(seed).random(probabilities.shape, dtype=np.float32)
+  return (uniform < probabilities).astype(np.float32)
+
+
+def _dataset_options() -> tf.data.Options:
+  options = tf.data.Options()
+  options.deterministic = True
+  # Autotuning stalls the start of Keras epochs on small CPUs; the pipeline is light anyway.
+  options.autotune.enabled = False
+  return options
+
+
+def train_pipeline(images: np.ndarray, batch_size: int, seed: int,
+                   dynamic_binarization: bool) -> tf.data.Dataset:
+  """Shuffled float32 batches [M, H, W, C] in [0, 1], reshuffled (and rebinarized) each epoch.
+
+  Args:
+    images: [N, H, W, C] uint8 or float32.
+    batch_size: M; the last batch of an epoch may be smaller.
+    seed: seeds the shuffle and the binarization noise.
+    dynamic_binarization: draw x ~ Bernoulli(pixel) afresh each epoch.
+  """
+  stored = tf.constant(images)
+  count = int(images.shape[0])
+  indices = tf.data.Dataset.range(count).shuffle(count, seed=seed, reshuffle_each_iteration=True)
+  batches = indices.batch(batch_size)
+  if dynamic_binarization:
+    # One stateless [2] seed per batch, different each epoch.
+    noise_seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
+
+    def load_batch(index, noise_seed):
+      probabilities = to_unit_float(tf.gather(stored, index))  # [M, H, W, C]
+      uniform = tf.random.stateless_uniform(tf.shape(probabilities), seed=noise_seed)
+      return tf.cast(uniform < probabilities, tf.float32)
+
+    batches = tf.data.Dataset.zip(batches, noise_seeds).map(load_batch)
+  else:
+    batches = batches.map(lambda index: to_unit_float(tf.gather(stored, index)))
+  return batches.prefetch(2).with_options(_dataset_options())
+
+
+def eval_arrays(images: np.ndarray, bernoulli: bool, binary: bool) -> np.ndarray:
+  """The fixed float32 evaluation images: binarized once for Bernoulli unless already binary."""
+  if bernoulli and not binary:
+    return binarize(images)
+  return to_unit_float(tf.convert_to_tensor(images)).numpy()
+
+
+def eval_pipeline(images: np.ndarray, batch_size: int) -> tf.data.Dataset:
+  """Float32 [0, 1] images (from `eval_arrays`) -> unshuffled batches."""
+  return (tf.data.Dataset.from_tensor_slices(images).batch(batch_size).prefetch(2)
+          .with_options(_dataset_options()))

@@ -1,0 +1,87 @@
+"""Raw network outputs -> TFP distributions: the posterior, the prior and the likelihoods.
+
+Networks emit unconstrained tensors; this module alone turns them into distributions, so the
+numerics live in one place: Bernoulli from logits (never probabilities), scales through
+`softplus(raw + softplus_inverse(1)) + MIN_SCALE` so a zero raw output means a unit scale and
+no scale reaches 0.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_probability as tfp
+
+tfd = tfp.distributions
+
+# Smallest standard deviation of the posterior and of the Gaussian likelihoods. 1e-3 is far below
+# a pixel's quantization step (1/255) yet keeps log sigma >= -6.9, so no density can blow up.
+MIN_SCALE = 1e-3
+_SOFTPLUS_INVERSE_ONE = float(np.log(np.expm1(1.0)))  # softplus(this) == 1
+
+
+def positive_scale(raw: tf.Tensor) -> tf.Tensor:
+  """Maps an unconstrained tensor to a standard deviation in (MIN_SCALE, inf); 0 maps to ~1."""
+  return tf.nn.softplus(raw + _SOFTPLUS_INVERSE_ONE) + MIN_SCALE
+
+
+def make_posterior(loc: tf.Tensor, raw_scale: tf.Tensor) -> tfd.Distribution:
+  """q(z|x) = N(loc, diag(scale^2)), event shape [J] (Kingma & Welling, appendix C.2).
+
+  Args:
+    loc: [..., J] means.
+    raw_scale: [..., J] unconstrained; see `positive_scale`.
+
+  Returns:
+    A tfd.Independent over tfd.Normal with batch shape [...] and event shape [J].
+  """
+  return tfd.Independent(tfd.Normal(loc=loc, scale=positive_scale(raw_scale)),
+                         reinterpreted_batch_ndims=1)
+
+
+def make_prior(latent_size: int, dtype=tf.float32) -> tfd.Distribution:
+  """p(z) = N(0, I) with event shape [latent_size]."""
+  zeros = tf.zeros([latent_size], dtype=dtype)
+  return tfd.Independent(tfd.Normal(loc=zeros, scale=tf.ones_like(zeros)),
+                         reinterpreted_batch_ndims=1)
+
+
+def _bernoulli(params: tf.Tensor, observation_scale: float | None) -> tfd.Distribution:
+  del observation_scale  # Bernoulli has no scale.
+  # log p(x|z) = sum_k x_k log rho_k + (1 - x_k) log(1 - rho_k), computed from logits.
+  return tfd.Independent(tfd.Bernoulli(logits=params, dtype=params.dtype),
+                         reinterpreted_batch_ndims=3)
+
+
+def _gaussian(params: tf.Tensor, observation_scale: float | None) -> tfd.Distribution:
+  del observation_scale  # Learned per pixel.
+  raw_loc, raw_scale = tf.split(params, 2, axis=-1)
+  # Means squashed to (0, 1) as the paper does for Frey Face; scales learned per pixel.
+  return tfd.Independent(tfd.Normal(loc=tf.sigmoid(raw_loc), scale=positive_scale(raw_scale)),
+                         reinterpreted_batch_ndims=3)
+
+
+def _gaussian_fixed(params: tf.Tensor, observation_scale: float | None) -> tfd.Distribution:
+  # log p(x|z) = -||x - mu(z)||^2 / (2 s^2) - D log(s sqrt(2 pi)): a scaled squared error.
+  loc = tf.sigmoid(params)
+  return tfd.Independent(tfd.Normal(loc=loc, scale=tf.constant(observation_scale, loc.dtype)),
+                         reinterpreted_batch_ndims=3)
+
+
+# name -> (parameters per pixel and channel, builder(params [..., H, W, C * k], scale)).
+LIKELIHOODS = {
+    "bernoulli": (1, _bernoulli),
+    "gaussian": (2, _gaussian),
+    "gaussian_fixed": (1, _gaussian_fixed),
+}
+
+
+def params_per_pixel(likelihood: str) -> int:
+  """How many raw decoder outputs each pixel-channel needs for `likelihood`."""
+  return LIKELIHOODS[likelihood][0]
+
+
+def make_likelihood(likelihood: str, params: tf.Tensor,
+                    observation_scale: float | None = None) -> tfd.Distribution:
+  """p(x|z) with event shape [H, W, C] from raw decoder outputs [..., H, W, C * k]."""
+  return LIKELIHOODS[likelihood][1](params, observation_scale)

@@ -1,0 +1,164 @@
+"""SavedModel export for TensorFlow Serving: signatures, versioned folders, atomic writes.
+
+Layout: <export_dir>/<model_name>/<version>/, version an integer one above the largest there.
+The model is written to a hidden temporary folder beside it and renamed into place, so a server
+polling the folder never sees half a model.
+
+Signatures (tensors only, any batch size; x is float32 [B, H, W, C] in [0, 1]):
+  serving_default(x) -> latent_mean [B, J], latent_scale [B, J], reconstruction [B, H, W, C],
+                        elbo [B] (one reparameterized sample, fixed seed: deterministic)
+  encode(x)          -> latent_mean, latent_scale
+  decode(z [B, J])   -> reconstruction (the mean of p(x|z))
+  reconstruct(x)     -> reconstruction
+  sample(count: int32 scalar, seed: int64 scalar) -> images [count, H, W, C], z [count, J]
+  log_likelihood(x, num_samples: int32 scalar, seed: int64 scalar) -> log_likelihood [B]
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import re
+import shutil
+import tempfile
+
+import keras
+import tensorflow as tf
+
+from tfvae import evaluation, objectives
+from tfvae.model import _stateless_seed
+
+SIGNATURES = ("serving_default", "encode", "decode", "reconstruct", "sample", "log_likelihood")
+_VERSION = re.compile(r"^\d+$")
+
+
+class ExportError(RuntimeError):
+  """The export folder cannot be written; the message names it and the fix."""
+
+
+def versions(model_dir: str | os.PathLike) -> list[int]:
+  """The integer versions under <export_dir>/<model_name>, ascending."""
+  model_dir = pathlib.Path(model_dir)
+  if not model_dir.is_dir():
+    return []
+  return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and _VERSION.match(p.name))
+
+
+def next_version(model_dir: str | os.PathLike) -> int:
+  return max(versions(model_dir), default=0) + 1
+
+
+def check_writable(export_dir: str | os.PathLike, model_name: str) -> pathlib.Path:
+  """Creates <export_dir>/<model_name> if needed and proves a file can be written there.
+
+  Called before training so an unwritable folder fails in seconds, not after hours.
+
+  Raises:
+    ExportError: the folder cannot be created or written.
+  """
+  if not model_name or "/" in model_name or model_name.startswith("."):
+    raise ExportError(f"model_name={model_name!r} must be a plain folder name, e.g. mnist_vae")
+  model_dir = pathlib.Path(export_dir) / model_name
+  try:
+    model_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryFile(dir=model_dir):
+      pass
+  except OSError as e:
+    raise ExportError(f"{model_dir}: cannot write the export there ({e.strerror}); pass a"
+                      f" writable --export_dir") from e
+  return model_dir
+
+
+def _check_input(x: tf.Tensor, likelihood: str) -> tf.Tensor:
+  """Fails the request (InvalidArgumentError) on NaN/Inf or pixels outside [0, 1]."""
+  checks = [tf.debugging.assert_all_finite(x, "x holds NaN or Inf values")]
+  in_range = tf.reduce_all((x >= 0.0) & (x <= 1.0))
+  checks.append(tf.debugging.Assert(
+      in_range, [f"x must lie in [0, 1] for the {likelihood} likelihood; got min/max",
+                 tf.reduce_min(x), tf.reduce_max(x)]))
+  with tf.control_dependencies(checks):
+    return tf.identity(x)
+
+
+def _signatures(vae) -> dict[str, tuple]:
+  """name -> (function, input signature) for every serving signature."""
+  config = vae.model_config
+  image_spec = tf.TensorSpec([None, *config.image_shape], tf.float32, name="x")
+  scalar_seed = tf.TensorSpec([], tf.int64, name="seed")
+
+  def encoded(x):
+    posterior = vae.encoder(_check_input(x, config.likelihood))
+    return posterior, {"latent_mean": posterior.mean(), "latent_scale": posterior.stddev()}
+
+  def serving_default(x):
+    x = _check_input(x, config.likelihood)
+    posterior, outputs = encoded(x)
+    terms = objectives.elbo_terms(x, posterior, vae.prior, vae.decoder, 1,
+                                  tf.constant([0, 0], tf.int32))
+    reconstruction = vae.decoder(posterior.mean()).mean()
+    return {**outputs, "reconstruction": reconstruction, "elbo": terms["elbo"]}
+
+  def encode(x):
+    return encoded(x)[1]
+
+  def decode(z):
+    tf.debugging.assert_all_finite(z, "z holds NaN or Inf values")
+    return {"reconstruction": vae.decoder(z).mean()}
+
+  def reconstruct(x):
+    return {"reconstruction": vae.reconstruct(_check_input(x, config.likelihood))}
+
+  def sample(count, seed):
+    tf.debugging.assert_non_negative(count, "count must be >= 0")
+    images, z = vae.sample(count, seed=seed, return_latents=True)
+    return {"images": images, "z": z}
+
+  def log_likelihood(x, num_samples, seed):
+    tf.debugging.assert_positive(num_samples, "num_samples must be >= 1")
+    return {"log_likelihood": evaluation.importance_sampled_log_likelihood(
+        vae, _check_input(x, config.likelihood), num_samples, _stateless_seed(seed))}
+
+  return {
+      "serving_default": (serving_default, [image_spec]),
+      "encode": (encode, [image_spec]),
+      "decode": (decode, [tf.TensorSpec([None, config.latent_size], tf.float32, name="z")]),
+      "reconstruct": (reconstruct, [image_spec]),
+      "sample": (sample, [tf.TensorSpec([], tf.int32, name="count"), scalar_seed]),
+      "log_likelihood": (log_likelihood, [image_spec, tf.TensorSpec([], tf.int32,
+                                                                    name="num_samples"),
+                                          scalar_seed]),
+  }
+
+
+def export(vae, export_dir: str | os.PathLike, model_name: str,
+           version: int | None = None) -> pathlib.Path:
+  """Writes `vae` as the SavedModel <export_dir>/<model_name>/<version>/ and returns its path.
+
+  Args:
+    vae: a trained tfvae.VAE.
+    export_dir: the root TF Serving watches (its --model_base_path's parent).
+    model_name: the model's folder name.
+    version: an explicit version; by default one above the largest present. An existing
+      version is never overwritten.
+
+  Raises:
+    ExportError: the version exists or the folder cannot be written. Nothing partial is left.
+  """
+  model_dir = check_writable(export_dir, model_name)
+  version = next_version(model_dir) if version is None else int(version)
+  final = model_dir / str(version)
+  if final.exists():
+    raise ExportError(f"{final} exists; versions are never overwritten: omit the version to"
+                      f" export as {next_version(model_dir)}")
+  archive = keras.export.ExportArchive()
+  archive.track(vae)
+  for name, (function, signature) in _signatures(vae).items():
+    archive.add_endpoint(name, function, input_signature=signature)
+  temporary = pathlib.Path(tempfile.mkdtemp(prefix=f".{version}-", dir=model_dir))
+  try:
+    archive.write_out(str(temporary), verbose=False)
+    os.rename(temporary, final)
+  except BaseException:
+    shutil.rmtree(temporary, ignore_errors=True)
+    raise
+  return final

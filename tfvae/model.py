@@ -1,0 +1,197 @@
+"""The Kingma & Welling VAE as Keras 3 models.
+
+`Encoder` and `Decoder` are Keras models whose call returns a TFP distribution; `VAE` ties
+them to the prior, trains with a custom `train_step` on the per-example objective of
+tfvae.objectives, and exposes tensors-only `call`, `reconstruct` and `sample` for predict,
+serving and plots.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import keras
+import tensorflow as tf
+import tensorflow_probability as tfp
+
+from tfvae import distributions, networks, objectives
+from tfvae.config import ModelConfig
+
+tfd = tfp.distributions
+
+_PACKAGE = "tfvae"
+
+
+def _as_config(model_config: ModelConfig | dict[str, Any]) -> ModelConfig:
+  if isinstance(model_config, ModelConfig):
+    return model_config
+  return ModelConfig.from_dict(model_config)
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class Encoder(keras.Model):
+  """Recognition model: x [..., H, W, C] -> q(z|x), a diagonal Normal with event shape [J]."""
+
+  def __init__(self, model_config: ModelConfig | dict[str, Any], **kwargs):
+    super().__init__(**kwargs)
+    self.model_config = _as_config(model_config)
+    self.network = networks.build_encoder_network(self.model_config)
+
+  def call(self, x, training=None) -> tfd.Distribution:
+    params = tf.cast(self.network(x, training=training), tf.float32)  # [B, 2J]
+    loc, raw_scale = tf.split(params, 2, axis=-1)  # [B, J] each
+    return distributions.make_posterior(loc, raw_scale)
+
+  def get_config(self):
+    return {**super().get_config(), "model_config": self.model_config.to_dict()}
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class Decoder(keras.Model):
+  """Generative model: z [..., J] -> p(x|z) with event shape [H, W, C] and batch shape [...]."""
+
+  def __init__(self, model_config: ModelConfig | dict[str, Any], **kwargs):
+    super().__init__(**kwargs)
+    self.model_config = _as_config(model_config)
+    self.network = networks.build_decoder_network(self.model_config)
+
+  def call(self, z, training=None) -> tfd.Distribution:
+    z = tf.convert_to_tensor(z)
+    batch_shape = tf.shape(z)[:-1]  # e.g. [L, B]
+    flat_z = tf.reshape(z, [-1, self.model_config.latent_size])  # [L * B, J]
+    flat_params = tf.cast(self.network(flat_z, training=training), tf.float32)
+    params = tf.reshape(flat_params, tf.concat([batch_shape, tf.shape(flat_params)[1:]], 0))
+    return distributions.make_likelihood(self.model_config.likelihood, params,  # [L, B, H, W, Ck]
+                                         self.model_config.observation_scale)
+
+  def get_config(self):
+    return {**super().get_config(), "model_config": self.model_config.to_dict()}
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class VAE(keras.Model):
+  """Variational auto-encoder trained on the SGVB estimator (Kingma & Welling, eq. 10).
+
+  Typical use:
+
+    vae = tfvae.VAE(tfvae.ModelConfig(latent_size=20))
+    vae.compile(optimizer=keras.optimizers.Adam(1e-3))
+    vae.fit(x_train, validation_data=x_test, epochs=10, batch_size=100)
+    z_mean = vae.encoder(x_test).mean()
+    images = vae.sample(16, seed=0)
+
+  x is float in [0, 1], shaped [N, H, W, C] as in `model_config.image_shape`. Metrics are
+  per-example means in nats: loss (what is minimized), elbo, kl and nll (-E_q log p(x|z)).
+
+  Args:
+    model_config: a ModelConfig or its dict.
+    seed: seeds the reparameterization noise of training and evaluation steps.
+  """
+
+  def __init__(self, model_config: ModelConfig | dict[str, Any] | None = None, seed: int = 0,
+               **kwargs):
+    super().__init__(**kwargs)
+    self.model_config = _as_config(model_config or ModelConfig())
+    self.seed = int(seed)
+    self.encoder = Encoder(self.model_config, name="encoder")
+    self.decoder = Decoder(self.model_config, name="decoder")
+    self.prior = distributions.make_prior(self.model_config.latent_size)
+    self.seed_generator = keras.random.SeedGenerator(self.seed, name="noise_seed")
+    self._trackers = {name: keras.metrics.Mean(name=name)
+                      for name in ("loss", "elbo", "kl", "nll")}
+
+  # ---- tensors-only views, used by predict, serving and plots --------------------------------
+
+  def call(self, x, training=None) -> dict[str, tf.Tensor]:
+    """Deterministic encoding and reconstruction of x [B, H, W, C].
+
+    Returns:
+      Dict of "latent_mean" [B, J], "latent_scale" [B, J] and "reconstruction" [B, H, W, C],
+      the mean of p(x|z) at z = E[z|x].
+    """
+    posterior = self.encoder(x, training=training)
+    reconstruction = self.decoder(posterior.mean(), training=training).mean()
+    return {"latent_mean": posterior.mean(), "latent_scale": posterior.stddev(),
+            "reconstruction": reconstruction}
+
+  def reconstruct(self, x) -> tf.Tensor:
+    """E[x | z = E[z|x]], [B, H, W, C]."""
+    return self(x)["reconstruction"]
+
+  def sample(self, num_samples: int, seed: int | tf.Tensor = 0,
+             return_latents: bool = False):
+    """Draws z ~ N(0, I) and returns the mean of p(x|z), [num_samples, H, W, C].
+
+    The same seed gives the same images (stateless sampling). With return_latents, returns
+    (images, z [num_samples, J]).
+    """
+    z = self.prior.sample(num_samples, seed=_stateless_seed(seed))  # [N, J]
+    images = self.decoder(z).mean()
+    return (images, z) if return_latents else images
+
+  # ---- training ------------------------------------------------------------------------------
+
+  def per_example_terms(self, x, seed, training=False,
+                        num_samples: int | None = None) -> dict[str, tf.Tensor]:
+    """The objective's per-example [B] terms for x; see tfvae.objectives.per_example_loss."""
+    x = tf.cast(x, tf.float32)
+    return objectives.per_example_loss(
+        self.model_config.objective, x, self.encoder(x, training=training), self.prior,
+        lambda z: self.decoder(z, training=training),
+        num_samples or self.model_config.num_samples, seed, beta=self.model_config.beta)
+
+  def _next_seed(self) -> tf.Tensor:
+    return tf.cast(self.seed_generator.next(), tf.int32)  # [2] stateless seed for TFP
+
+  def _update_metrics(self, terms, sample_weight):
+    for name, tracker in self._trackers.items():
+      tracker.update_state(terms[name], sample_weight=sample_weight)
+    return {name: tracker.result() for name, tracker in self._trackers.items()}
+
+  def train_step(self, data):
+    x, _, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+    with tf.GradientTape() as tape:
+      terms = self.per_example_terms(x, self._next_seed(), training=True)
+      loss = _weighted_mean(terms["loss"], sample_weight)
+      if self.losses:
+        loss += tf.add_n(self.losses)
+      # Keras sums gradients over replicas, so each replica contributes 1/num_replicas.
+      loss = loss / tf.distribute.get_replica_context().num_replicas_in_sync
+      scaled_loss = self.optimizer.scale_loss(loss)
+    gradients = tape.gradient(scaled_loss, self.trainable_variables)
+    self.optimizer.apply(gradients, self.trainable_variables)
+    return self._update_metrics(terms, sample_weight)
+
+  def test_step(self, data):
+    x, _, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+    terms = self.per_example_terms(x, self._next_seed(), training=False)
+    return self._update_metrics(terms, sample_weight)
+
+  @property
+  def metrics(self):
+    return list(self._trackers.values())
+
+  # ---- serialization -------------------------------------------------------------------------
+
+  def get_config(self):
+    return {**super().get_config(), "model_config": self.model_config.to_dict(),
+            "seed": self.seed}
+
+  def build(self, input_shape=None):
+    # Sub-models are built at construction (their networks start with keras.Input).
+    super().build(input_shape)
+
+
+def _weighted_mean(values: tf.Tensor, sample_weight) -> tf.Tensor:
+  if sample_weight is None:
+    return tf.reduce_mean(values)
+  weights = tf.cast(tf.reshape(sample_weight, [-1]), values.dtype)
+  return tf.math.divide_no_nan(tf.reduce_sum(values * weights), tf.reduce_sum(weights))
+
+
+def _stateless_seed(seed: int | tf.Tensor) -> tf.Tensor:
+  """An int seed (Python or scalar tensor) -> the int32 [2] stateless seed TFP expects."""
+  seed = tf.cast(tf.convert_to_tensor(seed), tf.int64)
+  if seed.shape.rank == 1:
+    return tf.cast(seed, tf.int32)
+  return tf.cast(tf.stack([seed // 2**31, seed % 2**31]), tf.int32)

@@ -1,0 +1,61 @@
+"""Keras networks that emit raw parameter tensors; distributions are built in tfvae.model.
+
+An encoder network maps images [B, H, W, C] to [B, 2J] (means, raw scales); a decoder network
+maps latents [B, J] to [B, H, W, C * k] raw likelihood parameters (k from the likelihood).
+"""
+
+from __future__ import annotations
+
+import math
+
+import keras
+
+from tfvae.config import ModelConfig
+from tfvae.distributions import params_per_pixel
+
+
+def _dense_stack(config: ModelConfig, sizes, name: str) -> list[keras.layers.Layer]:
+  return [keras.layers.Dense(size, activation=config.activation, name=f"{name}_dense_{i}")
+          for i, size in enumerate(sizes)]
+
+
+def build_encoder_network(config: ModelConfig) -> keras.Sequential:
+  """x [B, H, W, C] -> [B, 2 * latent_size]: the recognition model's parameters.
+
+  mlp: Flatten, then Dense(h) for h in hidden_sizes (Kingma & Welling, appendix C.2).
+  conv: two stride-2 3x3 convolutions with hidden_sizes[0] and hidden_sizes[-1] channels
+    (H, W -> H/4, W/4), then Flatten.
+  """
+  layers: list[keras.layers.Layer] = [keras.Input(shape=config.image_shape, name="x")]
+  if config.architecture == "mlp":
+    layers.append(keras.layers.Flatten(name="flatten"))
+    layers += _dense_stack(config, config.hidden_sizes, "encoder")
+  else:
+    for i, channels in enumerate((config.hidden_sizes[0], config.hidden_sizes[-1])):
+      layers.append(keras.layers.Conv2D(channels, 3, strides=2, padding="same",
+                                        activation=config.activation, name=f"encoder_conv_{i}"))
+    layers.append(keras.layers.Flatten(name="flatten"))
+  layers.append(keras.layers.Dense(2 * config.latent_size, name="posterior_params"))
+  return keras.Sequential(layers, name="encoder_network")
+
+
+def build_decoder_network(config: ModelConfig) -> keras.Sequential:
+  """z [B, latent_size] -> [B, H, W, C * k]: the generative model's raw parameters."""
+  height, width, channels = config.image_shape
+  out_channels = channels * params_per_pixel(config.likelihood)
+  layers: list[keras.layers.Layer] = [keras.Input(shape=(config.latent_size,), name="z")]
+  if config.architecture == "mlp":
+    layers += _dense_stack(config, reversed(config.hidden_sizes), "decoder")
+    layers += [keras.layers.Dense(height * width * out_channels, name="likelihood_params"),
+               keras.layers.Reshape((height, width, out_channels))]
+  else:
+    first, last = config.hidden_sizes[0], config.hidden_sizes[-1]
+    layers += [keras.layers.Dense(math.prod((height // 4, width // 4, last)),
+                                  activation=config.activation, name="decoder_dense"),
+               keras.layers.Reshape((height // 4, width // 4, last))]
+    for i, filters in enumerate((last, first)):
+      layers.append(keras.layers.Conv2DTranspose(filters, 3, strides=2, padding="same",
+                                                 activation=config.activation,
+                                                 name=f"decoder_deconv_{i}"))
+    layers.append(keras.layers.Conv2D(out_channels, 3, padding="same", name="likelihood_params"))
+  return keras.Sequential(layers, name="decoder_network")
