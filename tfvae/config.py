@@ -89,8 +89,8 @@ class ModelConfig:
                "likelihood=gaussian_fixed needs a positive --observation_scale, e.g. 0.1")
     else:
       _require(self.observation_scale is None,
-               f"observation_scale is only used by likelihood=gaussian_fixed, not {self.likelihood};"
-               " drop --observation_scale or pass --likelihood=gaussian_fixed")
+               f"observation_scale is only used by likelihood=gaussian_fixed, not"
+               f" {self.likelihood}; drop --observation_scale or pass --likelihood=gaussian_fixed")
     if self.architecture == "conv":
       height, width, _ = self.image_shape
       _require(height % 4 == 0 and width % 4 == 0,

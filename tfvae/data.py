@@ -153,7 +153,7 @@ def parse_idx_images(raw: bytes, source: str = "<bytes>") -> np.ndarray:
 
 
 def parse_amat(raw: bytes, source: str = "<bytes>", image_shape=(28, 28)) -> np.ndarray:
-  """Decodes a binarized-MNIST .amat text file (one image of 0/1 per line) into uint8 [N, 28, 28, 1]."""
+  """Decodes a binarized-MNIST .amat file (one image of 0/1 per line): uint8 [N, 28, 28, 1]."""
   size = image_shape[0] * image_shape[1]
   values = np.frombuffer(raw, np.uint8)
   # Fast path: the canonical layout is one digit and one separator per pixel.

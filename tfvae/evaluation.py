@@ -68,7 +68,7 @@ def evaluate(vae, x: np.ndarray, num_samples: int, seed: int = 0, batch_size: in
   """
   base_seed = tf.constant([seed, 0], tf.int32)
 
-  @tf.function
+  @tf.function(reduce_retracing=True)
   def batch_terms(batch, index):
     batch_seed = _fold_in(base_seed, index)
     terms = objectives.elbo_terms(batch, vae.encoder(batch), vae.prior, vae.decoder, 1,
@@ -78,9 +78,36 @@ def evaluate(vae, x: np.ndarray, num_samples: int, seed: int = 0, batch_size: in
           vae, batch, num_samples, _fold_in(batch_seed, 1), chunk_size)
     return terms
 
+  return _aggregate(batch_terms, x, num_samples, batch_size)
+
+
+def evaluate_saved_model(path, x: np.ndarray, num_samples: int, seed: int = 0,
+                         batch_size: int = 100) -> dict[str, float]:
+  """`evaluate` through an exported SavedModel's signatures (serving_default, log_likelihood).
+
+  Returns:
+    Dict with "elbo" (one sample per example), "log_likelihood" and "bits_per_dim" when K > 0,
+    "num_samples" and "num_examples".
+  """
+  signatures = tf.saved_model.load(str(path)).signatures
+
+  def batch_terms(batch, index):
+    terms = {"elbo": signatures["serving_default"](x=batch)["elbo"]}
+    if num_samples > 0:
+      terms["log_likelihood"] = signatures["log_likelihood"](
+          x=batch, num_samples=tf.constant(num_samples, tf.int32),
+          seed=tf.constant(seed, tf.int64) * 1_000_003 + index)["log_likelihood"]
+    return terms
+
+  return _aggregate(batch_terms, x, num_samples, batch_size)
+
+
+def _aggregate(batch_terms, x: np.ndarray, num_samples: int,
+               batch_size: int) -> dict[str, float]:
+  """Per-example means of batch_terms(batch, index) -> {name: [B]} over x, plus bits/dim."""
   sums: dict[str, float] = {}
   for index, batch in enumerate(eval_pipeline(x, batch_size)):
-    for name, values in batch_terms(batch, index).items():
+    for name, values in batch_terms(batch, tf.constant(index, tf.int64)).items():
       sums[name] = sums.get(name, 0.0) + float(tf.reduce_sum(tf.cast(values, tf.float64)))
   results = {name: total / len(x) for name, total in sums.items()}
   num_dims = math.prod(x.shape[1:])

@@ -12,10 +12,13 @@ Signatures (tensors only, any batch size; x is float32 [B, H, W, C] in [0, 1]):
   reconstruct(x)     -> reconstruction
   sample(count: int32 scalar, seed: int64 scalar) -> images [count, H, W, C], z [count, J]
   log_likelihood(x, num_samples: int32 scalar, seed: int64 scalar) -> log_likelihood [B]
+
+assets.extra/tfvae.json records the model's config for tools; TF Serving ignores it.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import re
@@ -28,6 +31,8 @@ import tensorflow as tf
 from tfvae import evaluation, objectives
 from tfvae.model import _stateless_seed
 
+# assets.extra/<this>: the model's config, for tools such as bin/evaluate; servers ignore it.
+METADATA_FILE = "tfvae.json"
 SIGNATURES = ("serving_default", "encode", "decode", "reconstruct", "sample", "log_likelihood")
 _VERSION = re.compile(r"^\d+$")
 
@@ -157,8 +162,25 @@ def export(vae, export_dir: str | os.PathLike, model_name: str,
   temporary = pathlib.Path(tempfile.mkdtemp(prefix=f".{version}-", dir=model_dir))
   try:
     archive.write_out(str(temporary), verbose=False)
+    extra = temporary / "assets.extra"
+    extra.mkdir(exist_ok=True)
+    (extra / METADATA_FILE).write_text(json.dumps(
+        {"model_config": vae.model_config.to_dict(), "signatures": list(SIGNATURES)}, indent=2))
     os.rename(temporary, final)
   except BaseException:
     shutil.rmtree(temporary, ignore_errors=True)
     raise
   return final
+
+
+def load_metadata(path: str | os.PathLike) -> dict:
+  """The tfvae.json of an exported version folder (model_config, signatures).
+
+  Raises:
+    ExportError: the folder is not a tfvae export.
+  """
+  metadata = pathlib.Path(path) / "assets.extra" / METADATA_FILE
+  if not metadata.is_file():
+    raise ExportError(f"{path}: no assets.extra/{METADATA_FILE}; pass a version folder exported"
+                      f" by tfvae (savedmodels/<model_name>/<version>) or a .keras file")
+  return json.loads(metadata.read_text())

@@ -99,6 +99,9 @@ class VAE(keras.Model):
     self.seed_generator = keras.random.SeedGenerator(self.seed, name="noise_seed")
     self._trackers = {name: keras.metrics.Mean(name=name)
                       for name in ("loss", "elbo", "kl", "nll")}
+    # The networks start with keras.Input, so every weight exists now; marking the model built
+    # lets BackupAndRestore and load_weights work before the first batch.
+    self.build((None, *self.model_config.image_shape))
 
   # ---- tensors-only views, used by predict, serving and plots --------------------------------
 
@@ -178,7 +181,6 @@ class VAE(keras.Model):
             "seed": self.seed}
 
   def build(self, input_shape=None):
-    # Sub-models are built at construction (their networks start with keras.Input).
     super().build(input_shape)
 
 

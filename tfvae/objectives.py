@@ -10,7 +10,7 @@ p(x|z) the likelihood (decoder), L Monte Carlo samples z_l = mu + sigma * eps_l,
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import tensorflow as tf
 import tensorflow_probability as tfp

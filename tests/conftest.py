@@ -1,0 +1,46 @@
+"""Shared fixtures: the data folder, a small real MNIST slice, and a tiny model config."""
+
+import os
+import pathlib
+import sys
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> pathlib.Path:
+  """$TFVAE_DATA_DIR, else ../shared/data beside the checkout; skips when neither has MNIST."""
+  candidates = [os.environ.get("TFVAE_DATA_DIR"), ROOT.parent / "shared" / "data"]
+  for candidate in candidates:
+    if candidate and (pathlib.Path(candidate) / "mnist").is_dir():
+      return pathlib.Path(candidate)
+  pytest.skip("no MNIST files: set TFVAE_DATA_DIR to a folder holding mnist/")
+
+
+@pytest.fixture(scope="session")
+def mnist(data_dir):
+  from tfvae import data
+  return data.load("mnist", data_dir)
+
+
+@pytest.fixture(scope="session")
+def mnist_slice(mnist):
+  """1000 training and 200 test images of real MNIST, uint8 [N, 28, 28, 1]."""
+  return mnist.x_train[:1000], mnist.x_test[:200]
+
+
+@pytest.fixture
+def small_config():
+  from tfvae import ModelConfig
+  return ModelConfig(latent_size=4, hidden_sizes=(32,))
+
+
+@pytest.fixture
+def binary_batch():
+  rng = np.random.default_rng(0)
+  return (rng.random((8, 28, 28, 1)) < 0.3).astype(np.float32)

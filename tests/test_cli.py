@@ -1,0 +1,111 @@
+"""bin/train, bin/evaluate and bin/sample end to end on a slice of real MNIST."""
+
+import csv
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def _run(script, *args, data_dir=None, cwd=None, timeout=600):
+  env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+  if data_dir:
+    env["TFVAE_DATA_DIR"] = str(data_dir)
+  return subprocess.run([sys.executable, str(ROOT / "bin" / script), *args], capture_output=True,
+                        text=True, timeout=timeout, env=env, cwd=cwd)
+
+
+@pytest.fixture(scope="module")
+def trained_run(data_dir, tmp_path_factory):
+  root = tmp_path_factory.mktemp("cli")
+  result = _run("train", "--likelihood=bernoulli", "--max_examples=600", "--epochs=2",
+                "--hidden_sizes=64", "--latent_size=2", "--eval_num_samples=20",
+                f"--workdir={root / 'work'}", f"--export_dir={root / 'models'}",
+                "--model_name=digits", data_dir=data_dir)
+  assert result.returncode == 0, result.stderr[-4000:]
+  return root, result
+
+
+def test_train_writes_checkpoints_metrics_pictures_and_the_export(trained_run):
+  root, result = trained_run
+  work = root / "work"
+  for name in ("last.keras", "best.keras", "metrics.csv", "results.json", "samples.png",
+               "reconstructions.png", "manifold.png"):
+    assert (work / name).is_file(), name
+  assert any((work / "logs").rglob("events.out.tfevents.*"))
+  assert not (work / "backup").exists()  # removed after a finished run
+  with open(work / "metrics.csv") as f:
+    rows = list(csv.DictReader(f))
+  assert len(rows) == 2 and {"loss", "elbo", "val_elbo", "kl", "nll"} <= set(rows[0])
+  results = json.loads((work / "results.json").read_text())["test"]
+  assert results["log_likelihood"] > results["elbo"]
+  assert "test ELBO: " in result.stdout and f"{results['elbo']:.2f}" in result.stdout
+  assert (root / "models" / "digits" / "1" / "saved_model.pb").is_file()
+  assert "Epoch 2/2" in result.stdout  # Keras progress is shown
+
+
+def test_evaluate_a_saved_model_and_a_keras_file_agree(trained_run, data_dir):
+  root, _ = trained_run
+  outputs = {}
+  for model in (root / "models" / "digits" / "1", root / "work" / "last.keras"):
+    out = root / f"{model.name}.json"
+    result = _run("evaluate", f"--model={model}", "--num_samples=50", "--max_examples=300",
+                  f"--output={out}", data_dir=data_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    outputs[model.suffix] = json.loads(out.read_text())
+  for results in outputs.values():
+    assert results["log_likelihood"] > results["elbo"]
+    assert results["num_examples"] == 300 and results["split"] == "test"
+  # Different random draws, the same model: the estimates agree closely.
+  assert abs(outputs[""]["log_likelihood"] - outputs[".keras"]["log_likelihood"]) < 1.0
+
+
+def test_sample_writes_a_png(trained_run, tmp_path):
+  root, _ = trained_run
+  for extra in ([], ["--manifold"]):
+    out = tmp_path / f"s{len(extra)}.png"
+    result = _run("sample", f"--model={root / 'work' / 'last.keras'}", f"--output={out}", *extra)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_flagfile(data_dir, tmp_path):
+  flagfile = tmp_path / "quick.flags"
+  flagfile.write_text("--max_examples=200\n--epochs=1\n--hidden_sizes=16\n--latent_size=0\n")
+  result = _run("train", f"--flagfile={flagfile}", f"--workdir={tmp_path}/w",
+                f"--export_dir={tmp_path}/m", data_dir=data_dir)
+  assert result.returncode != 0 and "latent_size=0" in result.stderr
+
+
+@pytest.mark.parametrize("args, phrase", [
+    (["--likelihood=poisson"], "--likelihood"),
+    (["--latent_size=0"], "latent_size=0 must be at least 1"),
+    (["--likelihood=gaussian_fixed"], "needs a positive --observation_scale"),
+    (["--objective=iwae", "--num_samples=1"], "K >= 2"),
+    (["--dataset=cifar10"], "dataset='cifar10' is not one of"),
+    (["--hidden_sizes=500,abc"], "must be integers"),
+    (["--dataset=npz:/nonexistent/file.npz"], "/nonexistent/file.npz"),
+    (["stray"], "unexpected arguments"),
+])
+def test_bad_flags_fail_at_start_with_one_clear_line(args, phrase, tmp_path, data_dir):
+  result = _run("train", *args, f"--workdir={tmp_path}/w", f"--export_dir={tmp_path}/m",
+                data_dir=data_dir, timeout=120)
+  assert result.returncode != 0
+  errors = [line for line in result.stderr.splitlines() if "rror" in line]
+  assert any(phrase in line for line in errors), result.stderr[-2000:]
+  assert not (tmp_path / "w").exists()  # failed before any work
+
+
+def test_bad_data_dir_names_the_file(tmp_path):
+  bad = tmp_path / "data" / "mnist"
+  bad.mkdir(parents=True)
+  (bad / "train-images-idx3-ubyte.gz").write_bytes(b"\x1f\x8b corrupt")
+  result = _run("train", f"--data_dir={tmp_path / 'data'}", f"--workdir={tmp_path}/w",
+                f"--export_dir={tmp_path}/m", timeout=120)
+  assert result.returncode != 0
+  assert "train-images-idx3-ubyte.gz: sha256" in result.stderr

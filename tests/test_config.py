@@ -1,0 +1,49 @@
+import pytest
+
+from tfvae import ConfigError, ModelConfig, TrainConfig
+
+
+def test_defaults_are_the_papers_mlp():
+  config = ModelConfig()
+  assert config.hidden_sizes == (500,)
+  assert config.likelihood == "bernoulli"
+  assert config.objective == "elbo"
+
+
+def test_dict_round_trip_is_equal():
+  config = ModelConfig(image_shape=(28, 20, 1), latent_size=2, hidden_sizes=(200, 100),
+                       likelihood="gaussian_fixed", observation_scale=0.1)
+  assert ModelConfig.from_dict(config.to_dict()) == config
+
+
+@pytest.mark.parametrize("kwargs, phrase", [
+    ({"latent_size": 0}, "latent_size=0"),
+    ({"likelihood": "poisson"}, "likelihood='poisson' is not one of"),
+    ({"likelihood": "gaussian_fixed"}, "positive --observation_scale"),
+    ({"likelihood": "gaussian_fixed", "observation_scale": -1.0}, "positive --observation_scale"),
+    ({"observation_scale": 0.1}, "only used by likelihood=gaussian_fixed"),
+    ({"objective": "iwae", "num_samples": 1}, "num_samples=K with K >= 2"),
+    ({"objective": "iwae", "num_samples": 5, "beta": 0.5}, "no KL weight"),
+    ({"beta": -1.0}, "beta=-1.0"),
+    ({"hidden_sizes": ()}, "at least one positive width"),
+    ({"architecture": "conv", "image_shape": (30, 30, 1)}, "multiples of 4"),
+])
+def test_impossible_model_configs_fail_with_one_line(kwargs, phrase):
+  with pytest.raises(ConfigError, match=phrase) as error:
+    ModelConfig(**kwargs)
+  assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("kwargs, phrase", [
+    ({"dataset": "cifar"}, "dataset='cifar'"),
+    ({"dataset": "npz:"}, "needs a path"),
+    ({"batch_size": 0}, "batch_size=0"),
+    ({"learning_rate": 0.0}, "learning_rate=0.0"),
+    ({"learning_rate": float("nan")}, "learning_rate=nan"),
+    ({"optimizer": "lbfgs"}, "optimizer='lbfgs'"),
+    ({"max_examples": 0}, "max_examples=0"),
+    ({"strategy": "horovod"}, "strategy='horovod'"),
+])
+def test_impossible_train_configs_fail(kwargs, phrase):
+  with pytest.raises(ConfigError, match=phrase):
+    TrainConfig(**kwargs)

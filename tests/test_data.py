@@ -1,0 +1,173 @@
+"""Datasets: canonical files, checksums, parsers, bad files, pipelines."""
+
+import gzip
+import hashlib
+import shutil
+import struct
+
+import numpy as np
+import pytest
+import scipy.io
+import tensorflow as tf
+
+from tfvae import data
+from tfvae.data import DataError
+
+
+def _idx(images: np.ndarray, magic: int = 0x00000803) -> bytes:
+  count, rows, cols = images.shape
+  return gzip.compress(struct.pack(">IIII", magic, count, rows, cols) + images.tobytes())
+
+
+def test_mnist_loads_with_canonical_shapes(mnist):
+  assert mnist.x_train.shape == (60000, 28, 28, 1) and mnist.x_train.dtype == np.uint8
+  assert mnist.x_test.shape == (10000, 28, 28, 1)
+  assert not mnist.binary and mnist.x_train.max() == 255
+
+
+def test_binarized_mnist_is_fixed_50k_train_10k_test(data_dir):
+  dataset = data.load("binarized_mnist", data_dir)
+  assert dataset.x_train.shape == (50000, 28, 28, 1) and dataset.x_test.shape[0] == 10000
+  assert dataset.binary and set(np.unique(dataset.x_test)) == {0, 1}
+
+
+def test_frey_face_is_1965_faces_of_28x20(data_dir):
+  dataset = data.load("frey_face", data_dir)
+  assert dataset.image_shape == (28, 20, 1)
+  assert len(dataset.x_train) + len(dataset.x_test) == 1965
+
+
+def test_max_examples_caps_the_training_set(data_dir):
+  assert data.load("mnist", data_dir, max_examples=123).x_train.shape[0] == 123
+
+
+def test_data_dir_order(monkeypatch, tmp_path):
+  monkeypatch.setenv("TFVAE_DATA_DIR", str(tmp_path / "env"))
+  assert data.resolve_data_dir(tmp_path / "flag") == tmp_path / "flag"
+  assert data.resolve_data_dir(None) == tmp_path / "env"
+  monkeypatch.delenv("TFVAE_DATA_DIR")
+  monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
+  assert data.resolve_data_dir(None) == tmp_path / "keras" / "datasets"
+
+
+def test_a_file_with_the_wrong_sha256_is_never_parsed(data_dir, tmp_path):
+  folder = tmp_path / "mnist"
+  folder.mkdir()
+  shutil.copy(data_dir / "mnist" / "t10k-images-idx3-ubyte.gz", folder)
+  (folder / "train-images-idx3-ubyte.gz").write_bytes(_idx(np.zeros((2, 28, 28), np.uint8)))
+  with pytest.raises(DataError, match=r"train-images-idx3-ubyte.gz: sha256 [0-9a-f]{64},"
+                                      r" expected 440fcabf.*delete it"):
+    data.load("mnist", tmp_path)
+
+
+def test_a_missing_file_that_cannot_be_downloaded_names_the_fix(tmp_path, monkeypatch):
+  import keras
+
+  def offline(*args, **kwargs):
+    raise OSError("network unreachable")
+
+  monkeypatch.setattr(keras.utils, "get_file", offline)
+  with pytest.raises(DataError, match="missing and could not be downloaded.*--data_dir"):
+    data.load("frey_face", tmp_path)
+
+
+def test_idx_parser_round_trips_and_rejects_bad_bytes():
+  images = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+  np.testing.assert_array_equal(data.parse_idx_images(_idx(images))[..., 0], images)
+  with pytest.raises(DataError, match="magic number 0x00000801"):
+    data.parse_idx_images(_idx(images, magic=0x00000801), "labels.gz")
+  with pytest.raises(DataError, match="corrupt or truncated gzip"):
+    data.parse_idx_images(_idx(images)[:-6], "cut.gz")
+  raw = gzip.decompress(_idx(images))
+  with pytest.raises(DataError, match="truncated or corrupt"):
+    data.parse_idx_images(raw[:-1])
+
+
+def test_amat_parser():
+  lines = "\n".join(" ".join(["1", "0"] * 392) for _ in range(3)) + "\n"
+  images = data.parse_amat(lines.encode())
+  assert images.shape == (3, 28, 28, 1) and images.sum() == 3 * 392
+  with pytest.raises(DataError, match="not a positive multiple of 784"):
+    data.parse_amat(b"0 1 1\n")
+  with pytest.raises(DataError, match="other than 0 and 1"):
+    data.parse_amat(("2 " * 784).encode())
+
+
+def test_mat_without_ff_and_with_a_wrong_array(tmp_path):
+  path = tmp_path / "x.mat"
+  scipy.io.savemat(path, {"faces": np.zeros((560, 3), np.uint8)})
+  with pytest.raises(DataError, match="no variable `ff`.*faces"):
+    data.parse_frey_face(path.read_bytes(), str(path))
+  scipy.io.savemat(path, {"ff": np.zeros((560, 3), np.uint8)})
+  with pytest.raises(DataError, match="decoded `ff` has sha256"):
+    data.parse_frey_face(path.read_bytes(), str(path))
+  assert data.parse_frey_face(path.read_bytes(), check_sha256=False).shape == (3, 28, 20, 1)
+  with pytest.raises(DataError, match="not a readable .mat file"):
+    data.parse_frey_face(b"garbage", "garbage.mat")
+
+
+def test_frey_face_is_checked_by_its_decoded_array(data_dir):
+  raw = (data_dir / "frey_face" / "frey_rawface.mat").read_bytes()
+  ff = scipy.io.loadmat(data_dir / "frey_face" / "frey_rawface.mat")["ff"]
+  assert hashlib.sha256(np.ascontiguousarray(ff).tobytes()).hexdigest().startswith("fbd70c2c")
+  assert data.parse_frey_face(raw).shape == (1965, 28, 20, 1)
+
+
+def test_npz_user_data(tmp_path):
+  path = tmp_path / "mine.npz"
+  rng = np.random.default_rng(0)
+  np.savez(path, x_train=rng.integers(0, 256, (10, 8, 12), dtype=np.uint8),
+           x_test=rng.integers(0, 256, (4, 8, 12), dtype=np.uint8), y_train=np.zeros(10))
+  dataset = data.load(f"npz:{path}")
+  assert dataset.image_shape == (8, 12, 1) and not dataset.binary
+
+
+@pytest.mark.parametrize("arrays, phrase", [
+    ({"x_train": np.zeros((2, 4, 4))}, "no array x_test"),
+    ({"x_train": np.full((2, 4, 4), np.nan), "x_test": np.zeros((2, 4, 4))}, "NaN or Inf"),
+    ({"x_train": np.full((2, 4, 4), 3.0), "x_test": np.zeros((2, 4, 4))}, "divide by 255"),
+    ({"x_train": np.zeros((0, 4, 4)), "x_test": np.zeros((2, 4, 4))}, "holds no images"),
+    ({"x_train": np.zeros((2, 16)), "x_test": np.zeros((2, 16))}, "expected \\[N, H, W\\]"),
+    ({"x_train": np.zeros((2, 4, 4)), "x_test": np.zeros((2, 5, 4))}, "must match"),
+])
+def test_bad_npz_data_fails_with_the_file_and_the_fix(tmp_path, arrays, phrase):
+  path = tmp_path / "bad.npz"
+  np.savez(path, **arrays)
+  with pytest.raises(DataError, match=phrase) as error:
+    data.load(f"npz:{path}")
+  assert str(path) in str(error.value)
+
+
+def test_not_an_npz_file(tmp_path):
+  path = tmp_path / "bad.npz"
+  path.write_bytes(b"not a zip")
+  with pytest.raises(DataError, match="not a readable .npz"):
+    data.load(f"npz:{path}")
+
+
+def test_dynamic_binarization_changes_each_epoch_and_keeps_the_mean(mnist_slice):
+  x_train, _ = mnist_slice
+  pipeline = data.train_pipeline(x_train, 1000, seed=0, dynamic_binarization=True)
+  first, second = (next(iter(pipeline)).numpy() for _ in range(2))
+  assert set(np.unique(first)) == {0.0, 1.0}
+  assert 0.05 < np.mean(first != second) < 0.3  # reshuffled and rebinarized
+  np.testing.assert_allclose(first.mean(), x_train.mean() / 255, atol=0.005)
+
+
+def test_pipelines_are_reproducible_for_a_seed(mnist_slice):
+  x_train, _ = mnist_slice
+  a = [b.numpy() for b in data.train_pipeline(x_train, 300, seed=4, dynamic_binarization=True)]
+  b = [b.numpy() for b in data.train_pipeline(x_train, 300, seed=4, dynamic_binarization=True)]
+  assert [x.shape[0] for x in a] == [300, 300, 300, 100]
+  for x, y in zip(a, b, strict=True):
+    np.testing.assert_array_equal(x, y)
+
+
+def test_test_sets_are_binarized_once_with_a_fixed_seed(mnist_slice):
+  _, x_test = mnist_slice
+  first = data.eval_arrays(x_test, bernoulli=True, binary=False)
+  np.testing.assert_array_equal(first, data.eval_arrays(x_test, bernoulli=True, binary=False))
+  grey = data.eval_arrays(x_test, bernoulli=False, binary=False)
+  assert grey.dtype == np.float32 and 0 < grey.mean() < 1 and len(np.unique(grey)) > 2
+  batches = list(data.eval_pipeline(first, 64))
+  np.testing.assert_array_equal(tf.concat(batches, 0).numpy(), first)

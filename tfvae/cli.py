@@ -1,0 +1,90 @@
+"""absl flag definitions shared by the bin/ scripts, and their conversion to configs.
+
+Only bin/ imports this module: the rest of the library takes typed configs and never reads
+FLAGS. It lives in the package (not in bin/) so that installed scripts find it.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import flags
+
+from tfvae import config
+
+FLAGS = flags.FLAGS
+
+
+def define_data_flags() -> None:
+  flags.DEFINE_string("dataset", "mnist", "mnist | binarized_mnist | frey_face | npz:PATH (arrays"
+                      " x_train and x_test, uint8 0..255 or float in [0, 1]).")
+  flags.DEFINE_string("data_dir", None, "Folder holding <dataset>/<canonical file>; default"
+                      " $TFVAE_DATA_DIR, else ~/.keras/datasets.")
+
+
+def define_model_flags() -> None:
+  defaults = config.ModelConfig()
+  flags.DEFINE_enum("likelihood", defaults.likelihood, config.LIKELIHOODS,
+                    "p(x|z): bernoulli (binary pixels), gaussian (learned per-pixel scale),"
+                    " gaussian_fixed (scale --observation_scale).")
+  flags.DEFINE_float("observation_scale", None, "Pixel standard deviation of gaussian_fixed.")
+  flags.DEFINE_integer("latent_size", defaults.latent_size, "Dimension of z.")
+  flags.DEFINE_list("hidden_sizes", [str(h) for h in defaults.hidden_sizes],
+                    "Hidden layer widths (mlp) or channels (conv), comma separated.")
+  flags.DEFINE_enum("architecture", defaults.architecture, config.ARCHITECTURES,
+                    "Network family.")
+  flags.DEFINE_string("activation", defaults.activation, "Keras activation of hidden layers.")
+  flags.DEFINE_integer("num_samples", defaults.num_samples,
+                       "L, samples of z per example (K for --objective=iwae).")
+  flags.DEFINE_enum("objective", defaults.objective, config.OBJECTIVES,
+                    "elbo (Kingma & Welling) or iwae (Burda et al.).")
+  flags.DEFINE_float("beta", defaults.beta, "KL weight: 1 is the ELBO, 0 an auto-encoder.")
+
+
+def define_train_flags() -> None:
+  defaults = config.TrainConfig()
+  define_data_flags()
+  flags.DEFINE_integer("batch_size", defaults.batch_size, "M, examples per step.")
+  flags.DEFINE_integer("epochs", defaults.epochs, "Passes over the training set.")
+  flags.DEFINE_enum("optimizer", defaults.optimizer, config.OPTIMIZERS, "Optimizer.")
+  flags.DEFINE_float("learning_rate", defaults.learning_rate, "Learning rate.")
+  flags.DEFINE_float("weight_decay", defaults.weight_decay, "Decoupled weight decay.")
+  flags.DEFINE_integer("seed", defaults.seed, "Seeds weights, data order, binarization, noise.")
+  flags.DEFINE_integer("max_examples", None, "Keep only the first N training images.")
+  flags.DEFINE_integer("eval_num_samples", defaults.eval_num_samples,
+                       "K of the importance-sampled test log-likelihood at the end; 0 skips.")
+  flags.DEFINE_enum("strategy", defaults.strategy, config.STRATEGIES,
+                    "tf.distribute strategy.")
+  flags.DEFINE_bool("mixed_precision", defaults.mixed_precision,
+                    "Compute in 16-bit floats; the objective stays float32.")
+
+
+def model_config_from_flags(image_shape) -> config.ModelConfig:
+  """ModelConfig from the model flags and the data's image shape; raises ConfigError."""
+  try:
+    hidden_sizes = tuple(int(h) for h in FLAGS.hidden_sizes)
+  except ValueError as e:
+    raise config.ConfigError(f"hidden_sizes={','.join(FLAGS.hidden_sizes)} must be integers"
+                             f" separated by commas, e.g. 500 or 512,256") from e
+  return config.ModelConfig(
+      image_shape=image_shape, latent_size=FLAGS.latent_size, hidden_sizes=hidden_sizes,
+      architecture=FLAGS.architecture, activation=FLAGS.activation,
+      likelihood=FLAGS.likelihood, observation_scale=FLAGS.observation_scale,
+      num_samples=FLAGS.num_samples, objective=FLAGS.objective, beta=FLAGS.beta)
+
+
+def train_config_from_flags() -> config.TrainConfig:
+  """TrainConfig from the training flags; raises ConfigError."""
+  return config.TrainConfig(
+      dataset=FLAGS.dataset, data_dir=FLAGS.data_dir, batch_size=FLAGS.batch_size,
+      epochs=FLAGS.epochs, optimizer=FLAGS.optimizer, learning_rate=FLAGS.learning_rate,
+      weight_decay=FLAGS.weight_decay, seed=FLAGS.seed, max_examples=FLAGS.max_examples,
+      eval_num_samples=FLAGS.eval_num_samples, strategy=FLAGS.strategy,
+      mixed_precision=FLAGS.mixed_precision)
+
+
+def fail(message: str, code: int = 2):
+  """Prints one line, `<program>: error: <message>`, and exits."""
+  program = sys.argv[0].rsplit("/", 1)[-1] if sys.argv else "tfvae"
+  print(f"{program}: error: {message}", file=sys.stderr)
+  sys.exit(code)

@@ -1,0 +1,197 @@
+"""train(model_config, train_config, workdir): data, strategy, fit, checkpoints, evaluation.
+
+What a run leaves in `workdir`:
+  last.keras, best.keras   the model after the last epoch and at the best validation loss
+  metrics.csv              per-epoch training and validation metrics (per-example nats)
+  logs/                    TensorBoard event files
+  backup/                  Keras BackupAndRestore state; a rerun resumes from it
+  results.json             final test metrics of the last model
+  reconstructions.png, samples.png (and manifold.png for a 2-D latent space)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import pathlib
+from typing import Any
+
+import keras
+import tensorflow as tf
+from absl import logging
+
+from tfvae import data as data_lib
+from tfvae import evaluation, plots
+from tfvae.config import ConfigError, ModelConfig, TrainConfig
+from tfvae.model import VAE
+
+
+class NonFiniteLossError(FloatingPointError):
+  """Training produced NaN or Inf; the message names the metric and what to try."""
+
+
+@dataclasses.dataclass
+class TrainResult:
+  """What `train` returns: the trained model, its history and its test metrics."""
+
+  vae: VAE
+  history: dict[str, list[float]]
+  test_metrics: dict[str, Any]
+  workdir: pathlib.Path
+
+
+def make_optimizer(config: TrainConfig) -> keras.optimizers.Optimizer:
+  """The optimizer named by config.optimizer, with its learning rate and weight decay."""
+  kwargs = {"learning_rate": config.learning_rate,
+            "weight_decay": config.weight_decay or None}
+  if config.optimizer == "adamw":
+    kwargs["weight_decay"] = config.weight_decay  # AdamW always decays; 0 turns it off.
+  return {
+      "adam": keras.optimizers.Adam,
+      "adamw": keras.optimizers.AdamW,
+      "adagrad": keras.optimizers.Adagrad,
+      "sgd": keras.optimizers.SGD,
+      "rmsprop": keras.optimizers.RMSprop,
+  }[config.optimizer](**kwargs)
+
+
+def make_strategy(name: str) -> tf.distribute.Strategy:
+  """default | mirrored (all local devices) | multi_worker (TF_CONFIG) | tpu."""
+  if name == "default":
+    return tf.distribute.get_strategy()
+  if name == "mirrored":
+    return tf.distribute.MirroredStrategy()
+  if name == "multi_worker":
+    return tf.distribute.MultiWorkerMirroredStrategy()
+  if name == "tpu":
+    resolver = tf.distribute.cluster_resolver.TPUClusterResolver()
+    tf.config.experimental_connect_to_cluster(resolver)
+    tf.tpu.experimental.initialize_tpu_system(resolver)
+    return tf.distribute.TPUStrategy(resolver)
+  raise ConfigError(f"strategy={name!r} is not one of default, mirrored, multi_worker, tpu")
+
+
+def model_config_for(dataset: data_lib.Dataset, **overrides) -> ModelConfig:
+  """A ModelConfig whose image_shape is the dataset's."""
+  return ModelConfig(image_shape=dataset.image_shape, **overrides)
+
+
+class StopOnNonFinite(keras.callbacks.Callback):
+  """Raises NonFiniteLossError at the end of an epoch whose metrics are NaN or Inf.
+
+  Runs before the checkpoint callbacks, so a broken model is never saved over a good one.
+  """
+
+  def on_epoch_end(self, epoch, logs=None):
+    for name, value in (logs or {}).items():
+      if not math.isfinite(float(value)):
+        raise NonFiniteLossError(
+            f"{name} became {value} in epoch {epoch + 1}; the last good model is kept. Try a"
+            f" lower --learning_rate, or --likelihood=bernoulli for binary-like data")
+
+
+class AtomicCheckpoint(keras.callbacks.Callback):
+  """Saves last.keras every epoch and best.keras on a new best `monitor`, atomically.
+
+  Each file is written beside its target and renamed over it, so a crash mid-save leaves the
+  previous file intact.
+  """
+
+  def __init__(self, directory: str | os.PathLike, monitor: str = "val_loss"):
+    super().__init__()
+    self.directory = pathlib.Path(directory)
+    self.monitor = monitor
+    self.best = math.inf
+
+  def _save(self, name: str) -> None:
+    temporary = self.directory / f".{name}.tmp.keras"
+    self.model.save(temporary)
+    os.replace(temporary, self.directory / name)
+
+  def on_epoch_end(self, epoch, logs=None):
+    logs = logs or {}
+    self._save("last.keras")
+    value = float(logs.get(self.monitor, logs.get("loss", math.inf)))
+    if value < self.best:
+      self.best = value
+      self._save("best.keras")
+
+
+def train(model_config: ModelConfig, train_config: TrainConfig, workdir: str | os.PathLike,
+          dataset: data_lib.Dataset | None = None, verbose: str | int = "auto",
+          callbacks: list[keras.callbacks.Callback] | None = None) -> TrainResult:
+  """Trains a VAE, checkpoints it, evaluates it on the test split and writes pictures.
+
+  Args:
+    model_config: the model; its image_shape must match the data.
+    train_config: data, optimization and randomness.
+    workdir: folder for checkpoints, logs, metrics and pictures (created if needed). A workdir
+      holding backup/ from an interrupted run resumes from its last finished epoch.
+    dataset: already loaded data; by default loaded from train_config.
+    verbose: Keras fit verbosity.
+    callbacks: extra Keras callbacks.
+
+  Returns:
+    A TrainResult.
+
+  Raises:
+    ConfigError: the model does not fit the data.
+    tfvae.data.DataError: the data cannot be loaded.
+    NonFiniteLossError: training diverged; workdir keeps the last good checkpoints.
+  """
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  if dataset is None:
+    dataset = data_lib.load(train_config.dataset, train_config.data_dir,
+                            train_config.max_examples)
+  if tuple(model_config.image_shape) != dataset.image_shape:
+    raise ConfigError(f"model image_shape {model_config.image_shape} does not match the"
+                      f" {dataset.name} images {dataset.image_shape}; build the config with"
+                      f" tfvae.training.model_config_for(dataset)")
+  keras.utils.set_random_seed(train_config.seed)
+  bernoulli = model_config.likelihood == "bernoulli"
+  train_data = data_lib.train_pipeline(dataset.x_train, train_config.batch_size,
+                                       train_config.seed,
+                                       dynamic_binarization=bernoulli and not dataset.binary)
+  x_test = data_lib.eval_arrays(dataset.x_test, bernoulli, dataset.binary)
+  test_data = data_lib.eval_pipeline(x_test, train_config.batch_size)
+
+  strategy = make_strategy(train_config.strategy)
+  with strategy.scope():
+    vae = VAE(model_config, seed=train_config.seed)
+    vae.compile(optimizer=make_optimizer(train_config))
+
+  all_callbacks = [
+      StopOnNonFinite(),
+      keras.callbacks.BackupAndRestore(str(workdir / "backup")),
+      AtomicCheckpoint(workdir),
+      keras.callbacks.CSVLogger(str(workdir / "metrics.csv"), append=True),
+      keras.callbacks.TensorBoard(str(workdir / "logs"), write_graph=False,
+                                  profile_batch=0),
+      *(callbacks or []),
+  ]
+  logging.info("Training on %d %s images %s for %d epochs.", len(dataset.x_train),
+               dataset.name, dataset.image_shape, train_config.epochs)
+  history = vae.fit(train_data, validation_data=test_data, epochs=train_config.epochs,
+                    callbacks=all_callbacks, verbose=verbose, shuffle=False)
+
+  test_metrics = evaluation.evaluate(vae, x_test, train_config.eval_num_samples,
+                                     seed=train_config.seed, batch_size=train_config.batch_size)
+  test_metrics.update(dataset=dataset.name, split="test")
+  _write_json(workdir / "results.json", {
+      "test": test_metrics, "model_config": model_config.to_dict(),
+      "train_config": dataclasses.asdict(train_config)})
+  plots.save_reconstructions(vae, x_test, workdir / "reconstructions.png")
+  plots.save_samples(vae, workdir / "samples.png", seed=train_config.seed)
+  if model_config.latent_size == 2:
+    plots.save_manifold(vae, workdir / "manifold.png")
+  return TrainResult(vae=vae, history=history.history, test_metrics=test_metrics,
+                     workdir=workdir)
+
+
+def _write_json(path: pathlib.Path, values: dict[str, Any]) -> None:
+  temporary = path.with_name(f".{path.name}.tmp")
+  temporary.write_text(json.dumps(values, indent=2, sort_keys=True) + "\n")
+  os.replace(temporary, path)
