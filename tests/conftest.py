@@ -14,12 +14,16 @@ sys.path.insert(0, str(ROOT))
 
 @pytest.fixture(scope="session")
 def data_dir() -> pathlib.Path:
-  """$TFVAE_DATA_DIR, else ../shared/data beside the checkout; skips when neither has MNIST."""
+  """$TFVAE_DATA_DIR, else ../shared/data beside the checkout, else the Keras cache.
+
+  tfvae.data downloads whatever is missing from the canonical URLs.
+  """
+  from tfvae import data
   candidates = [os.environ.get("TFVAE_DATA_DIR"), ROOT.parent / "shared" / "data"]
   for candidate in candidates:
     if candidate and (pathlib.Path(candidate) / "mnist").is_dir():
       return pathlib.Path(candidate)
-  pytest.skip("no MNIST files: set TFVAE_DATA_DIR to a folder holding mnist/")
+  return data.resolve_data_dir(None)
 
 
 @pytest.fixture(scope="session")

@@ -53,7 +53,7 @@ def test_data_dir_order(monkeypatch, tmp_path):
 def test_a_file_with_the_wrong_sha256_is_never_parsed(data_dir, tmp_path):
   folder = tmp_path / "mnist"
   folder.mkdir()
-  shutil.copy(data_dir / "mnist" / "t10k-images-idx3-ubyte.gz", folder)
+  shutil.copy(data.fetch("mnist", "t10k-images-idx3-ubyte.gz", data_dir), folder)
   (folder / "train-images-idx3-ubyte.gz").write_bytes(_idx(np.zeros((2, 28, 28), np.uint8)))
   with pytest.raises(DataError, match=r"train-images-idx3-ubyte.gz: sha256 [0-9a-f]{64},"
                                       r" expected 440fcabf.*delete it"):
@@ -107,8 +107,9 @@ def test_mat_without_ff_and_with_a_wrong_array(tmp_path):
 
 
 def test_frey_face_is_checked_by_its_decoded_array(data_dir):
-  raw = (data_dir / "frey_face" / "frey_rawface.mat").read_bytes()
-  ff = scipy.io.loadmat(data_dir / "frey_face" / "frey_rawface.mat")["ff"]
+  path = data.fetch("frey_face", "frey_rawface.mat", data_dir)
+  raw = path.read_bytes()
+  ff = scipy.io.loadmat(path)["ff"]
   assert hashlib.sha256(np.ascontiguousarray(ff).tobytes()).hexdigest().startswith("fbd70c2c")
   assert data.parse_frey_face(raw).shape == (1965, 28, 20, 1)
 

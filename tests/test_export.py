@@ -116,11 +116,11 @@ def test_a_failed_export_leaves_no_partial_folder(trained, monkeypatch):
   vae, _, root, _ = trained
   before = sorted(p.name for p in (root / "digits").iterdir())
 
-  def broken(self, *args, **kwargs):
+  def broken(*args, **kwargs):
     raise OSError("disk full")
 
-  import keras
-  monkeypatch.setattr(keras.export.ExportArchive, "write_out", broken)
+  # Fails after the SavedModel is written to its temporary folder, before the rename.
+  monkeypatch.setattr(export.os, "rename", broken)
   with pytest.raises(OSError, match="disk full"):
     export.export(vae, root, "digits")
   assert sorted(p.name for p in (root / "digits").iterdir()) == before

@@ -72,11 +72,16 @@ def test_sample_weights_weight_the_per_example_mean(binary_batch):
   vae.compile(optimizer="adam")
   weights = np.zeros(8, np.float32)
   weights[0] = 1.0
-  weighted = vae.evaluate(binary_batch, sample_weight=weights, batch_size=8, verbose=0,
-                          return_dict=True)
+  # Keras drops sample weights that come without y, so weighted data is an (x, y, w) dataset;
+  # y is ignored by the VAE.
+  weighted_data = tf.data.Dataset.from_tensor_slices(
+      (binary_batch, np.zeros(8, np.float32), weights)).batch(8)
+  weighted = vae.evaluate(weighted_data, verbose=0, return_dict=True)
   # With all weight on the first example, the KL is that example's (the KL is deterministic).
   only_first = vae.evaluate(binary_batch[:1], batch_size=8, verbose=0, return_dict=True)
+  unweighted = vae.evaluate(binary_batch, batch_size=8, verbose=0, return_dict=True)
   np.testing.assert_allclose(weighted["kl"], only_first["kl"], rtol=1e-5)
+  assert abs(unweighted["kl"] - only_first["kl"]) > 1e-4
 
 
 def test_sampling_is_deterministic_per_seed(small_config):

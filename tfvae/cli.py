@@ -57,6 +57,8 @@ def define_train_flags() -> None:
                     "tf.distribute strategy.")
   flags.DEFINE_bool("mixed_precision", defaults.mixed_precision,
                     "Compute in 16-bit floats; the objective stays float32.")
+  flags.DEFINE_integer("steps_per_execution", defaults.steps_per_execution,
+                       "Training steps per call into the compiled graph.")
 
 
 def model_config_from_flags(image_shape) -> config.ModelConfig:
@@ -80,7 +82,7 @@ def train_config_from_flags() -> config.TrainConfig:
       epochs=FLAGS.epochs, optimizer=FLAGS.optimizer, learning_rate=FLAGS.learning_rate,
       weight_decay=FLAGS.weight_decay, seed=FLAGS.seed, max_examples=FLAGS.max_examples,
       eval_num_samples=FLAGS.eval_num_samples, strategy=FLAGS.strategy,
-      mixed_precision=FLAGS.mixed_precision)
+      mixed_precision=FLAGS.mixed_precision, steps_per_execution=FLAGS.steps_per_execution)
 
 
 def fail(message: str, code: int = 2):

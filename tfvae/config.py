@@ -42,7 +42,8 @@ class ModelConfig:
     hidden_sizes: widths of the hidden layers of the MLP (encoder order; the decoder mirrors
       them), or the channel counts of the conv layers.
     architecture: "mlp" (as in the paper) or "conv".
-    activation: any Keras activation name for the hidden layers ("tanh" in the paper).
+    activation: any Keras activation name for the hidden layers (the paper used tanh; relu
+      reaches a better bound in the same time with Adam).
     likelihood: "bernoulli" (binary pixels, from logits), "gaussian" (learned per-pixel scale,
       paper appendix C) or "gaussian_fixed" (scale = observation_scale).
     observation_scale: the fixed pixel standard deviation of "gaussian_fixed".
@@ -55,7 +56,7 @@ class ModelConfig:
   latent_size: int = 20
   hidden_sizes: tuple[int, ...] = (500,)
   architecture: str = "mlp"
-  activation: str = "tanh"
+  activation: str = "relu"
   likelihood: str = "bernoulli"
   observation_scale: float | None = None
   num_samples: int = 1
@@ -127,12 +128,14 @@ class TrainConfig:
     eval_num_samples: K for the importance-sampled test log-likelihood at the end; 0 skips it.
     strategy: tf.distribute strategy name.
     mixed_precision: compute in 16-bit floats, keep the objective in float32.
+    steps_per_execution: training steps per call into the compiled graph; larger values
+      amortize the Python overhead of each call (Keras `compile` argument).
   """
 
   dataset: str = "mnist"
   data_dir: str | None = None
   batch_size: int = 100
-  epochs: int = 50
+  epochs: int = 40
   optimizer: str = "adam"
   learning_rate: float = 1e-3
   weight_decay: float = 0.0
@@ -141,6 +144,7 @@ class TrainConfig:
   eval_num_samples: int = 0
   strategy: str = "default"
   mixed_precision: bool = False
+  steps_per_execution: int = 20
 
   def __post_init__(self):
     if not self.dataset.startswith("npz:"):
@@ -160,3 +164,5 @@ class TrainConfig:
     _require(self.eval_num_samples >= 0,
              f"eval_num_samples={self.eval_num_samples} must be >= 0 (0 skips the estimate)")
     _one_of("strategy", self.strategy, STRATEGIES)
+    _require(self.steps_per_execution >= 1,
+             f"steps_per_execution={self.steps_per_execution} must be at least 1")

@@ -11,6 +11,7 @@ What a run leaves in `workdir`:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -71,6 +72,24 @@ def make_strategy(name: str) -> tf.distribute.Strategy:
     tf.tpu.experimental.initialize_tpu_system(resolver)
     return tf.distribute.TPUStrategy(resolver)
   raise ConfigError(f"strategy={name!r} is not one of default, mirrored, multi_worker, tpu")
+
+
+@contextlib.contextmanager
+def _dtype_policy(mixed_precision: bool):
+  """Builds layers under mixed_float16 (GPU) or mixed_bfloat16 (CPU/TPU) when asked.
+
+  Layers keep the policy they were built with, so the global policy is restored afterwards.
+  Encoder and Decoder cast network outputs to float32, so the KL, log-likelihood and ELBO stay
+  float32; under mixed_float16, Keras's compile wraps the optimizer in a LossScaleOptimizer.
+  """
+  previous = keras.mixed_precision.global_policy()
+  if mixed_precision:
+    gpu = bool(tf.config.list_logical_devices("GPU"))
+    keras.mixed_precision.set_global_policy("mixed_float16" if gpu else "mixed_bfloat16")
+  try:
+    yield
+  finally:
+    keras.mixed_precision.set_global_policy(previous)
 
 
 def model_config_for(dataset: data_lib.Dataset, **overrides) -> ModelConfig:
@@ -159,9 +178,10 @@ def train(model_config: ModelConfig, train_config: TrainConfig, workdir: str | o
   test_data = data_lib.eval_pipeline(x_test, train_config.batch_size)
 
   strategy = make_strategy(train_config.strategy)
-  with strategy.scope():
+  with strategy.scope(), _dtype_policy(train_config.mixed_precision):
     vae = VAE(model_config, seed=train_config.seed)
-    vae.compile(optimizer=make_optimizer(train_config))
+    vae.compile(optimizer=make_optimizer(train_config),
+                steps_per_execution=train_config.steps_per_execution)
 
   all_callbacks = [
       StopOnNonFinite(),
