@@ -61,8 +61,10 @@ def test_evaluate_a_saved_model_and_a_keras_file_agree(trained_run, data_dir):
   for results in outputs.values():
     assert results["log_likelihood"] > results["elbo"]
     assert results["num_examples"] == 300 and results["split"] == "test"
-  # Different random draws, the same model: the estimates agree closely.
-  assert abs(outputs[""]["log_likelihood"] - outputs[".keras"]["log_likelihood"]) < 1.0
+  # The same model under different random draws (exact equality is tested in test_export):
+  # a barely trained model has heavy-tailed importance weights, so allow 1%.
+  saved, keras_file = outputs[""]["log_likelihood"], outputs[".keras"]["log_likelihood"]
+  assert abs(saved - keras_file) < 0.01 * abs(keras_file)
 
 
 def test_sample_writes_a_png(trained_run, tmp_path):
