@@ -17,7 +17,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["tfvae", "tfvae.*"]),
-    scripts=["bin/train", "bin/evaluate", "bin/sample"],
+    scripts=["bin/train", "bin/evaluate", "bin/sample", "bin/reproduce"],
     install_requires=[
         "tensorflow>=2.16,<2.22",
         "keras>=3.0",
@@ -27,6 +27,7 @@ setup(
         "absl-py",
         "scipy",
         "pillow",
+        "matplotlib",
     ],
     extras_require={
         "test": ["pytest", "ruff", "hypothesis"],

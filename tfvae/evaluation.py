@@ -8,6 +8,7 @@ a running logsumexp, so memory is O(chunk_size * B * D) whatever K is.
 from __future__ import annotations
 
 import math
+import weakref
 
 import numpy as np
 import tensorflow as tf
@@ -53,6 +54,29 @@ def importance_sampled_log_likelihood(vae, x: tf.Tensor, num_samples, seed: tf.T
   return total - tf.math.log(tf.cast(num_samples, tf.float32))
 
 
+# vae -> {(num_samples, chunk_size): tf.function}, so repeated evaluations trace once.
+_FUNCTIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _batch_terms_function(vae, num_samples: int, chunk_size: int):
+  """A cached tf.function (batch, seed [2]) -> {name: [B]}: ELBO terms and, if K > 0, log p(x)."""
+  functions = _FUNCTIONS.setdefault(vae, {})
+  key = (num_samples, chunk_size)
+  if key not in functions:
+
+    @tf.function(reduce_retracing=True)
+    def batch_terms(batch, batch_seed):
+      terms = objectives.elbo_terms(batch, vae.encoder(batch), vae.prior, vae.decoder, 1,
+                                    _fold_in(batch_seed, 0))
+      if num_samples > 0:
+        terms["log_likelihood"] = importance_sampled_log_likelihood(
+            vae, batch, num_samples, _fold_in(batch_seed, 1), chunk_size)
+      return terms
+
+    functions[key] = batch_terms
+  return functions[key]
+
+
 def evaluate(vae, x: np.ndarray, num_samples: int, seed: int = 0, batch_size: int = 100,
              chunk_size: int = DEFAULT_CHUNK_SIZE) -> dict[str, float]:
   """Per-example means over x of the ELBO (L = 1) and, when num_samples > 0, log p(x).
@@ -66,19 +90,10 @@ def evaluate(vae, x: np.ndarray, num_samples: int, seed: int = 0, batch_size: in
     Dict with "elbo", "kl", "nll" and, when K > 0, "log_likelihood" and "bits_per_dim" (of
     log_likelihood; else of the ELBO), and "num_samples", "num_examples".
   """
+  batch_terms = _batch_terms_function(vae, num_samples, chunk_size)
   base_seed = tf.constant([seed, 0], tf.int32)
-
-  @tf.function(reduce_retracing=True)
-  def batch_terms(batch, index):
-    batch_seed = _fold_in(base_seed, index)
-    terms = objectives.elbo_terms(batch, vae.encoder(batch), vae.prior, vae.decoder, 1,
-                                  _fold_in(batch_seed, 0))
-    if num_samples > 0:
-      terms["log_likelihood"] = importance_sampled_log_likelihood(
-          vae, batch, num_samples, _fold_in(batch_seed, 1), chunk_size)
-    return terms
-
-  return _aggregate(batch_terms, x, num_samples, batch_size)
+  return _aggregate(lambda batch, index: batch_terms(batch, _fold_in(base_seed, index)), x,
+                    num_samples, batch_size)
 
 
 def evaluate_saved_model(path, x: np.ndarray, num_samples: int, seed: int = 0,

@@ -67,3 +67,37 @@ def save_manifold(vae, path, steps: int = 20) -> pathlib.Path:
   z = np.stack(np.meshgrid(quantiles, quantiles[::-1]), axis=-1).reshape(-1, 2)  # [steps^2, 2]
   images = vae.decoder(z).mean().numpy()
   return save_png(image_grid(images, steps, padding=0), path)
+
+
+def save_learning_curves(curves: dict[str, list[dict[str, float]]], path, title: str,
+                         ylabel: str = "lower bound per datapoint (nats)") -> pathlib.Path:
+  """Kingma & Welling, Figure 2: train (solid) and test (dashed) bound vs samples seen.
+
+  Args:
+    curves: label -> rows with "samples_seen", "train_elbo", "test_elbo".
+  """
+  import matplotlib
+  matplotlib.use("Agg")
+  from matplotlib import pyplot as plt
+
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  figure, axes = plt.subplots(figsize=(5, 3.6), dpi=100)
+  for index, (label, rows) in enumerate(curves.items()):
+    color = f"C{index}"
+    seen = [row["samples_seen"] for row in rows]
+    axes.plot(seen, [row["train_elbo"] for row in rows], color=color, label=f"{label} train")
+    axes.plot(seen, [row["test_elbo"] for row in rows], color=color, linestyle="--",
+              label=f"{label} test")
+  axes.set_xscale("log")
+  axes.set_xlabel("# training samples evaluated")
+  axes.set_ylabel(ylabel)
+  axes.set_title(title)
+  axes.grid(alpha=0.3)
+  axes.legend(fontsize=6, ncol=2)
+  figure.tight_layout()
+  temporary = path.with_name(f".{path.name}.tmp.png")
+  figure.savefig(temporary)
+  plt.close(figure)
+  os.replace(temporary, path)
+  return path

@@ -20,6 +20,7 @@ import pathlib
 from typing import Any
 
 import keras
+import numpy as np
 import tensorflow as tf
 from absl import logging
 
@@ -111,6 +112,33 @@ class StopOnNonFinite(keras.callbacks.Callback):
             f" lower --learning_rate, or --likelihood=bernoulli for binary-like data")
 
 
+class LowerBoundCurve(keras.callbacks.Callback):
+  """Records the train and test lower bound against the number of training samples seen.
+
+  The curves of Kingma & Welling's Figure 2: every `every_epochs` epochs, the per-example ELBO
+  (L = 1, fixed seed) of fixed train and test arrays.
+
+  Attributes:
+    rows: dicts with samples_seen, epoch, train_elbo and test_elbo.
+  """
+
+  def __init__(self, x_train_eval: np.ndarray, x_test_eval: np.ndarray, batch_size: int,
+               every_epochs: int = 1, seed: int = 0):
+    super().__init__()
+    self.x_train_eval, self.x_test_eval = x_train_eval, x_test_eval
+    self.batch_size, self.every_epochs, self.seed = batch_size, every_epochs, seed
+    self.examples_per_epoch = None
+    self.rows: list[dict[str, float]] = []
+
+  def on_epoch_end(self, epoch, logs=None):
+    if (epoch + 1) % self.every_epochs:
+      return
+    train = evaluation.evaluate(self.model, self.x_train_eval, 0, self.seed, self.batch_size)
+    test = evaluation.evaluate(self.model, self.x_test_eval, 0, self.seed, self.batch_size)
+    self.rows.append({"samples_seen": (epoch + 1) * self.examples_per_epoch, "epoch": epoch + 1,
+                      "train_elbo": train["elbo"], "test_elbo": test["elbo"]})
+
+
 class AtomicCheckpoint(keras.callbacks.Callback):
   """Saves last.keras every epoch and best.keras on a new best `monitor`, atomically.
 
@@ -192,6 +220,9 @@ def train(model_config: ModelConfig, train_config: TrainConfig, workdir: str | o
                                   profile_batch=0),
       *(callbacks or []),
   ]
+  for callback in callbacks or []:
+    if isinstance(callback, LowerBoundCurve):
+      callback.examples_per_epoch = len(dataset.x_train)
   logging.info("Training on %d %s images %s for %d epochs.", len(dataset.x_train),
                dataset.name, dataset.image_shape, train_config.epochs)
   history = vae.fit(train_data, validation_data=test_data, epochs=train_config.epochs,
