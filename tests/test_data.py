@@ -148,19 +148,39 @@ def test_not_an_npz_file(tmp_path):
 
 def test_dynamic_binarization_changes_each_epoch_and_keeps_the_mean(mnist_slice):
   x_train, _ = mnist_slice
-  pipeline = data.train_pipeline(x_train, 1000, seed=0, dynamic_binarization=True)
-  first, second = (next(iter(pipeline)).numpy() for _ in range(2))
+  batches = iter(data.train_pipeline(x_train, 1000, seed=0, dynamic_binarization=True))
+  first, second = next(batches).numpy(), next(batches).numpy()  # epochs 0 and 1
   assert set(np.unique(first)) == {0.0, 1.0}
   assert 0.05 < np.mean(first != second) < 0.3  # reshuffled and rebinarized
   np.testing.assert_allclose(first.mean(), x_train.mean() / 255, atol=0.005)
 
 
-def test_pipelines_are_reproducible_for_a_seed(mnist_slice):
+def test_each_epoch_is_a_permutation_of_the_data():
+  images = np.arange(10, dtype=np.float32).reshape(10, 1, 1, 1)
+  epochs = list(data.train_pipeline(images, 4, seed=1, dynamic_binarization=False,
+                                    num_epochs=2))
+  assert [len(b) for b in epochs] == [4, 4, 2, 4, 4, 2]
+  first = np.concatenate(epochs[:3]).ravel()
+  second = np.concatenate(epochs[3:]).ravel()
+  assert sorted(first) == sorted(second) == list(range(10))
+  assert list(first) != list(second)
+
+
+def test_pipelines_are_reproducible_and_resume_at_any_epoch(mnist_slice):
   x_train, _ = mnist_slice
-  a = [b.numpy() for b in data.train_pipeline(x_train, 300, seed=4, dynamic_binarization=True)]
-  b = [b.numpy() for b in data.train_pipeline(x_train, 300, seed=4, dynamic_binarization=True)]
-  assert [x.shape[0] for x in a] == [300, 300, 300, 100]
+  steps = data.steps_per_epoch(len(x_train), 300)
+  assert steps == 4
+  a = [b.numpy() for b in data.train_pipeline(x_train, 300, seed=4, dynamic_binarization=True,
+                                              num_epochs=3)]
+  b = [b.numpy() for b in data.train_pipeline(x_train, 300, seed=4, dynamic_binarization=True,
+                                              num_epochs=3)]
+  resumed = [b.numpy() for b in data.train_pipeline(x_train, 300, seed=4,
+                                                    dynamic_binarization=True, first_epoch=2,
+                                                    num_epochs=3)]
+  assert [x.shape[0] for x in a] == [300, 300, 300, 100] * 3
   for x, y in zip(a, b, strict=True):
+    np.testing.assert_array_equal(x, y)
+  for x, y in zip(a[2 * steps:], resumed, strict=True):
     np.testing.assert_array_equal(x, y)
 
 

@@ -324,33 +324,50 @@ def _dataset_options() -> tf.data.Options:
   return options
 
 
-def train_pipeline(images: np.ndarray, batch_size: int, seed: int,
-                   dynamic_binarization: bool) -> tf.data.Dataset:
-  """Shuffled float32 batches [M, H, W, C] in [0, 1], reshuffled (and rebinarized) each epoch.
+def steps_per_epoch(num_examples: int, batch_size: int) -> int:
+  """Batches in one pass over num_examples (the last one may be smaller)."""
+  return -(-num_examples // batch_size)
+
+
+def train_pipeline(images: np.ndarray, batch_size: int, seed: int, dynamic_binarization: bool,
+                   first_epoch: int = 0, num_epochs: int | None = None) -> tf.data.Dataset:
+  """Float32 training batches [M, H, W, C] in [0, 1], epoch after epoch.
+
+  Epoch e's order (and, with dynamic binarization, its Bernoulli draws x ~ Bernoulli(pixel))
+  depend only on (seed, e), so a run resumed at epoch e sees exactly the batches an
+  uninterrupted run would. Every epoch has `steps_per_epoch(N, M)` batches; the stream is
+  endless unless num_epochs is given, so pass steps_per_epoch to Keras fit.
 
   Args:
     images: [N, H, W, C] uint8 or float32.
-    batch_size: M; the last batch of an epoch may be smaller.
-    seed: seeds the shuffle and the binarization noise.
-    dynamic_binarization: draw x ~ Bernoulli(pixel) afresh each epoch.
+    batch_size: M.
+    seed: seeds the order and the binarization.
+    dynamic_binarization: draw binary images afresh each epoch.
+    first_epoch: the epoch to start at (a resumed run's initial epoch).
+    num_epochs: stop before this epoch; None repeats forever.
   """
   stored = tf.constant(images)
   count = int(images.shape[0])
-  indices = tf.data.Dataset.range(count).shuffle(count, seed=seed, reshuffle_each_iteration=True)
-  batches = indices.batch(batch_size)
-  if dynamic_binarization:
-    # One stateless [2] seed per batch, different each epoch.
-    noise_seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
+  base_seed = tf.constant([seed, 0x5EED], tf.int64)
 
-    def load_batch(index, noise_seed):
-      probabilities = to_unit_float(tf.gather(stored, index))  # [M, H, W, C]
+  def epoch_batches(epoch):
+    epoch_seed = tf.random.experimental.stateless_fold_in(base_seed, epoch)
+    order = tf.argsort(tf.random.stateless_uniform([count], seed=epoch_seed))  # a permutation
+    batches = tf.data.Dataset.from_tensor_slices(order).batch(batch_size).enumerate()
+
+    def load_batch(index, batch_indices):
+      probabilities = to_unit_float(tf.gather(stored, batch_indices))  # [M, H, W, C]
+      if not dynamic_binarization:
+        return probabilities
+      noise_seed = tf.random.experimental.stateless_fold_in(epoch_seed, index + 1)
       uniform = tf.random.stateless_uniform(tf.shape(probabilities), seed=noise_seed)
       return tf.cast(uniform < probabilities, tf.float32)
 
-    batches = tf.data.Dataset.zip(batches, noise_seeds).map(load_batch)
-  else:
-    batches = batches.map(lambda index: to_unit_float(tf.gather(stored, index)))
-  return batches.prefetch(2).with_options(_dataset_options())
+    return batches.map(load_batch)
+
+  epochs = tf.data.Dataset.range(first_epoch, num_epochs if num_epochs is not None
+                                 else np.iinfo(np.int64).max)
+  return epochs.flat_map(epoch_batches).prefetch(2).with_options(_dataset_options())
 
 
 def eval_arrays(images: np.ndarray, bernoulli: bool, binary: bool) -> np.ndarray:

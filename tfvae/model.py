@@ -144,7 +144,21 @@ class VAE(keras.Model):
         num_samples or self.model_config.num_samples, seed, beta=self.model_config.beta)
 
   def _next_seed(self) -> tf.Tensor:
-    return tf.cast(self.seed_generator.next(), tf.int32)  # [2] stateless seed for TFP
+    """A fresh [2] int32 stateless seed per call, for evaluation steps."""
+    return tf.cast(self.seed_generator.next(), tf.int32)
+
+  def _train_seed(self) -> tf.Tensor:
+    """The reparameterization noise seed of a training step: f(seed, step, replica).
+
+    A function of the optimizer's step counter, which checkpoints restore, so a resumed run
+    draws the same noise as an uninterrupted one; replicas fold in their id so their noise
+    differs.
+    """
+    context = tf.distribute.get_replica_context()
+    replica = context.replica_id_in_sync_group if context is not None else 0
+    base = tf.stack([tf.constant(self.seed, tf.int64), tf.cast(replica, tf.int64)])
+    step = tf.cast(self.optimizer.iterations, tf.int64)
+    return tf.cast(tf.random.experimental.stateless_fold_in(base, step), tf.int32)
 
   def _update_metrics(self, terms, sample_weight):
     for name, tracker in self._trackers.items():
@@ -154,7 +168,7 @@ class VAE(keras.Model):
   def train_step(self, data):
     x, _, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
     with tf.GradientTape() as tape:
-      terms = self.per_example_terms(x, self._next_seed(), training=True)
+      terms = self.per_example_terms(x, self._train_seed(), training=True)
       loss = _weighted_mean(terms["loss"], sample_weight)
       if self.losses:
         loss += tf.add_n(self.losses)

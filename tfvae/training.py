@@ -99,17 +99,32 @@ def model_config_for(dataset: data_lib.Dataset, **overrides) -> ModelConfig:
 
 
 class StopOnNonFinite(keras.callbacks.Callback):
-  """Raises NonFiniteLossError at the end of an epoch whose metrics are NaN or Inf.
+  """Raises NonFiniteLossError as soon as a logged metric is NaN or Inf.
 
-  Runs before the checkpoint callbacks, so a broken model is never saved over a good one.
+  Checked after every steps_per_execution block and at epoch end, before the checkpoint
+  callbacks run, so a broken model is never saved over a good one.
   """
 
-  def on_epoch_end(self, epoch, logs=None):
+  def _check(self, logs, where: str):
     for name, value in (logs or {}).items():
-      if not math.isfinite(float(value)):
+      value = float(value)
+      if not math.isfinite(value):
         raise NonFiniteLossError(
-            f"{name} became {value} in epoch {epoch + 1}; the last good model is kept. Try a"
-            f" lower --learning_rate, or --likelihood=bernoulli for binary-like data")
+            f"{name} became {value} {where}; stopped, and the last good checkpoint is kept."
+            f" Try a lower --learning_rate (now {self._learning_rate()}), or a likelihood that"
+            f" suits the data (bernoulli for binary pixels, gaussian for grey levels)")
+
+  def _learning_rate(self):
+    try:
+      return f"{float(self.model.optimizer.learning_rate):g}"
+    except (TypeError, ValueError, AttributeError):
+      return "a schedule"
+
+  def on_train_batch_end(self, batch, logs=None):
+    self._check(logs, f"at step {batch + 1}")
+
+  def on_epoch_end(self, epoch, logs=None):
+    self._check(logs, f"in epoch {epoch + 1}")
 
 
 class LowerBoundCurve(keras.callbacks.Callback):
@@ -143,14 +158,18 @@ class AtomicCheckpoint(keras.callbacks.Callback):
   """Saves last.keras every epoch and best.keras on a new best `monitor`, atomically.
 
   Each file is written beside its target and renamed over it, so a crash mid-save leaves the
-  previous file intact.
+  previous file intact. The best value so far is kept in checkpoint_state.json, so a resumed
+  run does not replace best.keras with a worse model.
   """
+
+  STATE_FILE = "checkpoint_state.json"
 
   def __init__(self, directory: str | os.PathLike, monitor: str = "val_loss"):
     super().__init__()
     self.directory = pathlib.Path(directory)
     self.monitor = monitor
-    self.best = math.inf
+    state = self.directory / self.STATE_FILE
+    self.best = json.loads(state.read_text())["best"] if state.is_file() else math.inf
 
   def _save(self, name: str) -> None:
     temporary = self.directory / f".{name}.tmp.keras"
@@ -164,6 +183,18 @@ class AtomicCheckpoint(keras.callbacks.Callback):
     if value < self.best:
       self.best = value
       self._save("best.keras")
+      _write_json(self.directory / self.STATE_FILE, {"best": value, "epoch": epoch + 1})
+
+
+def resume_epoch(backup_dir: pathlib.Path) -> int:
+  """Epochs finished by an interrupted run whose BackupAndRestore state is in backup_dir."""
+  metadata = backup_dir / "training_metadata.json"
+  if not metadata.is_file():
+    return 0
+  try:
+    return int(json.loads(metadata.read_text())["epoch"])
+  except (ValueError, KeyError, TypeError):
+    return 0  # unreadable: BackupAndRestore falls back to its previous copy or starts over
 
 
 def train(model_config: ModelConfig, train_config: TrainConfig, workdir: str | os.PathLike,
@@ -198,10 +229,18 @@ def train(model_config: ModelConfig, train_config: TrainConfig, workdir: str | o
                       f" {dataset.name} images {dataset.image_shape}; build the config with"
                       f" tfvae.training.model_config_for(dataset)")
   keras.utils.set_random_seed(train_config.seed)
+  backup_dir = workdir / "backup"
+  first_epoch = resume_epoch(backup_dir)
+  if first_epoch == 0:  # a fresh run: forget any finished run's per-epoch records
+    for stale in ("metrics.csv", AtomicCheckpoint.STATE_FILE):
+      (workdir / stale).unlink(missing_ok=True)
+  else:
+    logging.info("Resuming %s after epoch %d.", workdir, first_epoch)
   bernoulli = model_config.likelihood == "bernoulli"
   train_data = data_lib.train_pipeline(dataset.x_train, train_config.batch_size,
                                        train_config.seed,
-                                       dynamic_binarization=bernoulli and not dataset.binary)
+                                       dynamic_binarization=bernoulli and not dataset.binary,
+                                       first_epoch=first_epoch)
   x_test = data_lib.eval_arrays(dataset.x_test, bernoulli, dataset.binary)
   test_data = data_lib.eval_pipeline(x_test, train_config.batch_size)
 
@@ -213,7 +252,7 @@ def train(model_config: ModelConfig, train_config: TrainConfig, workdir: str | o
 
   all_callbacks = [
       StopOnNonFinite(),
-      keras.callbacks.BackupAndRestore(str(workdir / "backup")),
+      keras.callbacks.BackupAndRestore(str(backup_dir), double_checkpoint=True),
       AtomicCheckpoint(workdir),
       keras.callbacks.CSVLogger(str(workdir / "metrics.csv"), append=True),
       keras.callbacks.TensorBoard(str(workdir / "logs"), write_graph=False,
@@ -226,6 +265,8 @@ def train(model_config: ModelConfig, train_config: TrainConfig, workdir: str | o
   logging.info("Training on %d %s images %s for %d epochs.", len(dataset.x_train),
                dataset.name, dataset.image_shape, train_config.epochs)
   history = vae.fit(train_data, validation_data=test_data, epochs=train_config.epochs,
+                    steps_per_epoch=data_lib.steps_per_epoch(len(dataset.x_train),
+                                                             train_config.batch_size),
                     callbacks=all_callbacks, verbose=verbose, shuffle=False)
 
   test_metrics = evaluation.evaluate(vae, x_test, train_config.eval_num_samples,
