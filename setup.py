@@ -17,9 +17,9 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["tfvae", "tfvae.*"]),
-    scripts=["bin/train", "bin/evaluate", "bin/sample", "bin/reproduce"],
+    scripts=["bin/train", "bin/evaluate", "bin/sample", "bin/reproduce", "bin/export"],
     install_requires=[
-        "tensorflow>=2.16,<2.22",
+        "tensorflow>=2.21,<2.22",
         "keras>=3.0",
         "tensorflow-probability[tf]>=0.24",
         "tensorboard",
@@ -28,6 +28,7 @@ setup(
         "scipy",
         "pillow",
         "matplotlib",
+        "tensorflow-serving-api>=2.21,<2.22",  # warm-up requests written with the exports
     ],
     extras_require={
         "test": ["pytest", "ruff", "hypothesis"],

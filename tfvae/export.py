@@ -26,6 +26,7 @@ import shutil
 import tempfile
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from tfvae import evaluation, objectives
@@ -33,6 +34,10 @@ from tfvae.model import _stateless_seed
 
 # assets.extra/<this>: the model's config, for tools such as bin/evaluate; servers ignore it.
 METADATA_FILE = "tfvae.json"
+WARMUP_FILE = "tf_serving_warmup_requests"  # TF Serving's fixed name, under assets.extra/
+# Requests asking for more than these fail instead of exhausting the server's memory.
+MAX_SAMPLE_COUNT = 10_000
+MAX_NUM_SAMPLES = 100_000
 SIGNATURES = ("serving_default", "encode", "decode", "reconstruct", "sample", "log_likelihood")
 _VERSION = re.compile(r"^\d+$")
 
@@ -115,11 +120,15 @@ def _signatures(vae) -> dict[str, tuple]:
 
   def sample(count, seed):
     tf.debugging.assert_non_negative(count, "count must be >= 0")
+    tf.debugging.assert_less_equal(count, MAX_SAMPLE_COUNT,
+                                   f"count must be <= {MAX_SAMPLE_COUNT}; ask in batches")
     images, z = vae.sample(count, seed=seed, return_latents=True)
     return {"images": images, "z": z}
 
   def log_likelihood(x, num_samples, seed):
     tf.debugging.assert_positive(num_samples, "num_samples must be >= 1")
+    tf.debugging.assert_less_equal(num_samples, MAX_NUM_SAMPLES,
+                                   f"num_samples must be <= {MAX_NUM_SAMPLES}")
     return {"log_likelihood": evaluation.importance_sampled_log_likelihood(
         vae, _check_input(x, config.likelihood), num_samples, _stateless_seed(seed))}
 
@@ -135,8 +144,50 @@ def _signatures(vae) -> dict[str, tuple]:
   }
 
 
-def export(vae, export_dir: str | os.PathLike, model_name: str,
-           version: int | None = None) -> pathlib.Path:
+def warmup_requests(vae, images: np.ndarray, model_name: str) -> list:
+  """TF Serving warm-up PredictionLogs: each signature once, at batch 1 and at len(images).
+
+  Args:
+    vae: the model being exported (for latent inputs of `decode`).
+    images: real float32 [B, H, W, C] images in [0, 1].
+    model_name: the name the server serves the model under.
+
+  Returns:
+    tensorflow_serving.apis.prediction_log_pb2.PredictionLog protos.
+  """
+  from tensorflow_serving.apis import predict_pb2, prediction_log_pb2
+
+  images = np.asarray(images, np.float32)
+  latents = vae.encoder(images).mean().numpy()
+  scalars = {"count": np.int32(len(images)), "num_samples": np.int32(10), "seed": np.int64(0)}
+  logs = []
+  for batch in sorted({1, len(images)}):
+    inputs_by_signature = {
+        "serving_default": {"x": images[:batch]}, "encode": {"x": images[:batch]},
+        "decode": {"z": latents[:batch]}, "reconstruct": {"x": images[:batch]},
+        "sample": {"count": np.int32(batch), "seed": scalars["seed"]},
+        "log_likelihood": {"x": images[:batch], "num_samples": scalars["num_samples"],
+                           "seed": scalars["seed"]},
+    }
+    for name in SIGNATURES:
+      request = predict_pb2.PredictRequest()
+      request.model_spec.name = model_name
+      request.model_spec.signature_name = name
+      for key, value in inputs_by_signature[name].items():
+        request.inputs[key].CopyFrom(tf.make_tensor_proto(value))
+      logs.append(prediction_log_pb2.PredictionLog(
+          predict_log=prediction_log_pb2.PredictLog(request=request)))
+  return logs
+
+
+def _write_warmup(directory: pathlib.Path, logs) -> None:
+  with tf.io.TFRecordWriter(str(directory / WARMUP_FILE)) as writer:
+    for log in logs:
+      writer.write(log.SerializeToString())
+
+
+def export(vae, export_dir: str | os.PathLike, model_name: str, version: int | None = None,
+           warmup_images: np.ndarray | None = None) -> pathlib.Path:
   """Writes `vae` as the SavedModel <export_dir>/<model_name>/<version>/ and returns its path.
 
   Args:
@@ -145,6 +196,9 @@ def export(vae, export_dir: str | os.PathLike, model_name: str,
     model_name: the model's folder name.
     version: an explicit version; by default one above the largest present. An existing
       version is never overwritten.
+    warmup_images: a few real float32 images [B, H, W, C]; when given, the export carries
+      assets.extra/tf_serving_warmup_requests so the server traces every signature before
+      its first request.
 
   Raises:
     ExportError: the version exists or the folder cannot be written. Nothing partial is left.
@@ -166,6 +220,8 @@ def export(vae, export_dir: str | os.PathLike, model_name: str,
     extra.mkdir(exist_ok=True)
     (extra / METADATA_FILE).write_text(json.dumps(
         {"model_config": vae.model_config.to_dict(), "signatures": list(SIGNATURES)}, indent=2))
+    if warmup_images is not None:
+      _write_warmup(extra, warmup_requests(vae, warmup_images, model_name))
     os.rename(temporary, final)
   except BaseException:
     shutil.rmtree(temporary, ignore_errors=True)
