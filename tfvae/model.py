@@ -163,7 +163,12 @@ class VAE(keras.Model):
   def _update_metrics(self, terms, sample_weight):
     for name, tracker in self._trackers.items():
       tracker.update_state(terms[name], sample_weight=sample_weight)
-    return {name: tracker.result() for name, tracker in self._trackers.items()}
+    results = {name: tracker.result() for name, tracker in self._trackers.items()}
+    if _multi_worker(self.distribute_strategy):
+      # Keras 3.15 reduces step outputs across workers with reduce(MEAN, axis=0), which fails
+      # on scalars; give it [1] tensors, which it reduces back to scalars.
+      results = {name: tf.reshape(value, [1]) for name, value in results.items()}
+    return results
 
   def train_step(self, data):
     x, _, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
@@ -196,6 +201,12 @@ class VAE(keras.Model):
 
   def build(self, input_shape=None):
     super().build(input_shape)
+
+
+def _multi_worker(strategy) -> bool:
+  extended = getattr(strategy, "extended", None)
+  return (isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+          and bool(getattr(extended, "_in_multi_worker_mode", lambda: False)()))
 
 
 def _weighted_mean(values: tf.Tensor, sample_weight) -> tf.Tensor:

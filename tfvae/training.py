@@ -36,12 +36,17 @@ class NonFiniteLossError(FloatingPointError):
 
 @dataclasses.dataclass
 class TrainResult:
-  """What `train` returns: the trained model, its history and its test metrics."""
+  """What `train` returns: the trained model, its history and its test metrics.
+
+  is_chief is False on the non-chief workers of a multi-worker run, whose workdir is
+  <workdir>/workers/<task>; only the chief should export.
+  """
 
   vae: VAE
   history: dict[str, list[float]]
   test_metrics: dict[str, Any]
   workdir: pathlib.Path
+  is_chief: bool = True
 
 
 def make_optimizer(config: TrainConfig) -> keras.optimizers.Optimizer:
@@ -91,6 +96,17 @@ def _dtype_policy(mixed_precision: bool):
     yield
   finally:
     keras.mixed_precision.set_global_policy(previous)
+
+
+def is_chief(strategy: tf.distribute.Strategy) -> bool:
+  """Whether this process writes the run's outputs: always, except a non-chief worker."""
+  resolver = getattr(strategy, "cluster_resolver", None)
+  if resolver is None or not resolver.cluster_spec().as_dict():
+    return True
+  if resolver.task_type == "chief":
+    return True
+  has_chief = "chief" in resolver.cluster_spec().as_dict()
+  return resolver.task_type == "worker" and resolver.task_id == 0 and not has_chief
 
 
 def model_config_for(dataset: data_lib.Dataset, **overrides) -> ModelConfig:
@@ -219,7 +235,13 @@ def train(model_config: ModelConfig, train_config: TrainConfig, workdir: str | o
     tfvae.data.DataError: the data cannot be loaded.
     NonFiniteLossError: training diverged; workdir keeps the last good checkpoints.
   """
+  # First: multi-worker collectives must be configured before TensorFlow runs any op.
+  strategy = make_strategy(train_config.strategy)
+  chief = is_chief(strategy)
   workdir = pathlib.Path(workdir)
+  if not chief:  # other workers keep their own state, out of the chief's way
+    task = strategy.cluster_resolver
+    workdir = workdir / "workers" / f"{task.task_type}_{task.task_id}"
   workdir.mkdir(parents=True, exist_ok=True)
   if dataset is None:
     dataset = data_lib.load(train_config.dataset, train_config.data_dir,
@@ -244,11 +266,20 @@ def train(model_config: ModelConfig, train_config: TrainConfig, workdir: str | o
   x_test = data_lib.eval_arrays(dataset.x_test, bernoulli, dataset.binary)
   test_data = data_lib.eval_pipeline(x_test, train_config.batch_size)
 
-  strategy = make_strategy(train_config.strategy)
+  steps = data_lib.steps_per_epoch(len(dataset.x_train), train_config.batch_size)
+  # Keras runs whole blocks of steps_per_execution steps, so a block size that does not divide
+  # the epoch would run extra steps and shift every later epoch's data: take a divisor.
+  steps_per_execution = max(d for d in range(1, min(train_config.steps_per_execution, steps) + 1)
+                            if steps % d == 0)
+  if strategy.num_replicas_in_sync > 1 and steps_per_execution > 1:
+    # Keras 3.15's multi-step loop fails under tf.distribute replicas ("You must feed a value
+    # for placeholder tensor ... while/cond"); one step per call works.
+    logging.warning("steps_per_execution=%d is not supported with %d replicas; using 1.",
+                    steps_per_execution, strategy.num_replicas_in_sync)
+    steps_per_execution = 1
   with strategy.scope(), _dtype_policy(train_config.mixed_precision):
     vae = VAE(model_config, seed=train_config.seed)
-    vae.compile(optimizer=make_optimizer(train_config),
-                steps_per_execution=train_config.steps_per_execution)
+    vae.compile(optimizer=make_optimizer(train_config), steps_per_execution=steps_per_execution)
 
   all_callbacks = [
       StopOnNonFinite(),
@@ -265,8 +296,7 @@ def train(model_config: ModelConfig, train_config: TrainConfig, workdir: str | o
   logging.info("Training on %d %s images %s for %d epochs.", len(dataset.x_train),
                dataset.name, dataset.image_shape, train_config.epochs)
   history = vae.fit(train_data, validation_data=test_data, epochs=train_config.epochs,
-                    steps_per_epoch=data_lib.steps_per_epoch(len(dataset.x_train),
-                                                             train_config.batch_size),
+                    steps_per_epoch=steps,
                     callbacks=all_callbacks, verbose=verbose, shuffle=False)
 
   test_metrics = evaluation.evaluate(vae, x_test, train_config.eval_num_samples,
@@ -280,7 +310,7 @@ def train(model_config: ModelConfig, train_config: TrainConfig, workdir: str | o
   if model_config.latent_size == 2:
     plots.save_manifold(vae, workdir / "manifold.png")
   return TrainResult(vae=vae, history=history.history, test_metrics=test_metrics,
-                     workdir=workdir)
+                     workdir=workdir, is_chief=chief)
 
 
 def _write_json(path: pathlib.Path, values: dict[str, Any]) -> None:

@@ -1,0 +1,90 @@
+"""tf.distribute: mirrored on two logical CPUs and two multi-worker processes on 127.0.0.1
+each train like a single device on the same data."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+_TRAIN = r"""
+import json, sys
+import tensorflow as tf
+mode, workdir, data_dir = sys.argv[1:4]
+if mode == "mirrored":
+  cpu = tf.config.list_physical_devices("CPU")[0]
+  tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+import tfvae
+from tfvae import data, training
+mnist = data.load("mnist", data_dir)
+dataset = data.Dataset("mnist", mnist.x_train[:3000], mnist.x_test[:1000], False)
+config = training.model_config_for(dataset, latent_size=8, hidden_sizes=(64,))
+strategy = {"single": "default", "mirrored": "mirrored", "worker": "multi_worker"}[mode]
+result = training.train(config, tfvae.TrainConfig(epochs=4, strategy=strategy, seed=3),
+                        workdir, dataset=dataset, verbose=0)
+print(json.dumps({"test_elbo": result.test_metrics["elbo"], "chief": result.is_chief,
+                  "replicas": result.vae.distribute_strategy.num_replicas_in_sync,
+                  "workdir": str(result.workdir)}))
+"""
+
+
+def _env(**extra):
+  return {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", **extra}
+
+
+def _result(completed):
+  assert completed.returncode == 0, completed.stderr[-4000:]
+  return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def single(data_dir, tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("single")
+  return _result(subprocess.run([sys.executable, "-c", _TRAIN, "single", str(workdir),
+                                 str(data_dir)], capture_output=True, text=True, timeout=600,
+                                env=_env()))
+
+
+def test_mirrored_on_two_cpus_matches_one_device(single, data_dir, tmp_path):
+  mirrored = _result(subprocess.run([sys.executable, "-c", _TRAIN, "mirrored", str(tmp_path),
+                                     str(data_dir)], capture_output=True, text=True,
+                                    timeout=600, env=_env()))
+  assert mirrored["replicas"] == 2 and single["replicas"] == 1
+  # Same data, batches and initial weights; only the per-replica noise draws differ.
+  assert abs(mirrored["test_elbo"] - single["test_elbo"]) < 0.02 * abs(single["test_elbo"]), (
+      mirrored, single)
+
+
+def _free_ports(count):
+  sockets = [socket.socket() for _ in range(count)]
+  for s in sockets:
+    s.bind(("127.0.0.1", 0))
+  ports = [s.getsockname()[1] for s in sockets]
+  for s in sockets:
+    s.close()
+  return ports
+
+
+def test_two_workers_on_localhost_match_one_device(single, data_dir, tmp_path):
+  workers = [f"127.0.0.1:{port}" for port in _free_ports(2)]
+  processes = []
+  for index in range(2):
+    tf_config = json.dumps({"cluster": {"worker": workers},
+                            "task": {"type": "worker", "index": index}})
+    processes.append(subprocess.Popen(
+        [sys.executable, "-c", _TRAIN, "worker", str(tmp_path), str(data_dir)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(TF_CONFIG=tf_config)))
+  results = []
+  for process in processes:
+    stdout, stderr = process.communicate(timeout=600)
+    results.append(_result(subprocess.CompletedProcess(process.args, process.returncode, stdout,
+                                                       stderr)))
+  chief, other = results
+  assert chief["chief"] and not other["chief"]
+  assert chief["replicas"] == other["replicas"] == 2
+  assert chief["workdir"] == str(tmp_path) and "workers" in other["workdir"]
+  assert (tmp_path / "last.keras").is_file()
+  assert abs(chief["test_elbo"] - single["test_elbo"]) < 0.02 * abs(single["test_elbo"]), (
+      chief, single)
