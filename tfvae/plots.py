@@ -66,7 +66,7 @@ def save_manifold(vae, path, steps: int = 20) -> pathlib.Path:
   quantiles = stats.norm.ppf(np.linspace(0.05, 0.95, steps)).astype(np.float32)
   z = np.stack(np.meshgrid(quantiles, quantiles[::-1]), axis=-1).reshape(-1, 2)  # [steps^2, 2]
   images = vae.decoder(z).mean().numpy()
-  return save_png(image_grid(images, steps, padding=0), path)
+  return save_png(image_grid(images, steps, padding=0), path, scale=1)
 
 
 def save_learning_curves(curves: dict[str, list[dict[str, float]]], path, title: str,
@@ -77,6 +77,7 @@ def save_learning_curves(curves: dict[str, list[dict[str, float]]], path, title:
     curves: label -> rows with "samples_seen", "train_elbo", "test_elbo".
   """
   import matplotlib
+  import matplotlib.ticker
   matplotlib.use("Agg")
   from matplotlib import pyplot as plt
 
@@ -90,6 +91,7 @@ def save_learning_curves(curves: dict[str, list[dict[str, float]]], path, title:
     axes.plot(seen, [row["test_elbo"] for row in rows], color=color, linestyle="--",
               label=f"{label} test")
   axes.set_xscale("log")
+  axes.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
   axes.set_xlabel("# training samples evaluated")
   axes.set_ylabel(ylabel)
   axes.set_title(title)
