@@ -1,5 +1,6 @@
 """tfvae.training.train: the run's bookkeeping."""
 
+import keras
 import numpy as np
 
 import tfvae
@@ -30,3 +31,20 @@ def test_results_and_pictures_are_written(tmp_path):
   assert result.test_metrics["log_likelihood"] > result.test_metrics["elbo"]
   for name in ("results.json", "samples.png", "reconstructions.png", "manifold.png"):
     assert (tmp_path / name).is_file()
+
+
+def test_mixed_precision_computes_in_16_bits_and_keeps_the_objective_float32(tmp_path):
+  rng = np.random.default_rng(2)
+  dataset = data.Dataset("npz:toy", rng.integers(0, 256, (300, 8, 8, 1), dtype=np.uint8),
+                         rng.integers(0, 256, (30, 8, 8, 1), dtype=np.uint8), False)
+  config = training.model_config_for(dataset, latent_size=2, hidden_sizes=(16,))
+  result = training.train(config, tfvae.TrainConfig(epochs=2, mixed_precision=True), tmp_path,
+                          dataset=dataset, verbose=0)
+  dense = result.vae.encoder.network.layers[1]
+  assert dense.dtype_policy.name == "mixed_bfloat16"  # no GPU here
+  assert dense.compute_dtype == "bfloat16" and dense.variable_dtype == "float32"
+  terms = result.vae.per_example_terms(data.eval_arrays(dataset.x_test, True, False),
+                                       np.array([1, 2], np.int32))
+  assert all(t.dtype == "float32" and np.all(np.isfinite(t)) for t in terms.values())
+  assert result.history["loss"][-1] < result.history["loss"][0]
+  assert keras.mixed_precision.global_policy().name == "float32"  # restored

@@ -199,9 +199,6 @@ class VAE(keras.Model):
     return {**super().get_config(), "model_config": self.model_config.to_dict(),
             "seed": self.seed}
 
-  def build(self, input_shape=None):
-    super().build(input_shape)
-
 
 def _multi_worker(strategy) -> bool:
   extended = getattr(strategy, "extended", None)
