@@ -118,3 +118,10 @@ def test_keras_file_round_trip_gives_identical_outputs(tmp_path, binary_batch):
   seed = tf.constant([3, 3])
   np.testing.assert_array_equal(loaded.per_example_terms(binary_batch, seed)["elbo"],
                                 vae.per_example_terms(binary_batch, seed)["elbo"])
+
+
+def test_building_a_vae_warns_about_nothing(small_config):
+  import warnings
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    tfvae.VAE(small_config)

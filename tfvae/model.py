@@ -193,6 +193,11 @@ class VAE(keras.Model):
   def metrics(self):
     return list(self._trackers.values())
 
+  def build(self, input_shape=None):
+    # Everything is built in __init__; defining build tells Keras so (no "unbuilt state" warning,
+    # which its default build gives for the metrics and the seed generator).
+    super().build(input_shape)
+
   # ---- serialization -------------------------------------------------------------------------
 
   def get_config(self):
