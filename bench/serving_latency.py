@@ -69,7 +69,8 @@ def main(argv):
     import tfvae
     from tfvae import export
     path = str(export.export(tfvae.VAE(tfvae.ModelConfig()), tempfile.mkdtemp(), "bench"))
-  signatures = tf.saved_model.load(path).signatures
+  model = tf.saved_model.load(path)  # keep a reference: the signatures use its variables
+  signatures = model.signatures
   rng = np.random.default_rng(0)
   seed = tf.constant(0, tf.int64)
   print(f"model: {path}; tensorflow {tf.__version__}; {os.cpu_count()} CPUs;"

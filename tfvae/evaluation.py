@@ -104,7 +104,8 @@ def evaluate_saved_model(path, x: np.ndarray, num_samples: int, seed: int = 0,
     Dict with "elbo" (one sample per example), "log_likelihood" and "bits_per_dim" when K > 0,
     "num_samples" and "num_examples".
   """
-  signatures = tf.saved_model.load(str(path)).signatures
+  model = tf.saved_model.load(str(path))  # kept alive here: the signatures use its variables
+  signatures = model.signatures
 
   def batch_terms(batch, index):
     terms = {"elbo": signatures["serving_default"](x=batch)["elbo"]}
