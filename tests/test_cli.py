@@ -111,3 +111,19 @@ def test_bad_data_dir_names_the_file(tmp_path):
                 f"--export_dir={tmp_path}/m", timeout=120)
   assert result.returncode != 0
   assert "train-images-idx3-ubyte.gz: sha256" in result.stderr
+
+
+def test_reproduce_writes_the_curves_and_pictures(data_dir, tmp_path):
+  out = tmp_path / "out"
+  result = _run("reproduce", f"--output_dir={out}", f"--workdir={tmp_path / 'runs'}",
+                "--mnist_latent_sizes=2", "--frey_latent_sizes=2", "--mnist_epochs=1",
+                "--frey_epochs=10", data_dir=data_dir)
+  assert result.returncode == 0, result.stderr[-3000:]
+  with open(out / "curves.csv") as f:
+    rows = list(csv.DictReader(f))
+  assert [(r["dataset"], r["samples_seen"]) for r in rows] == [("mnist", "60000"),
+                                                                ("frey_face", "17690")]
+  assert all(float(r["train_elbo"]) != 0 for r in rows)
+  for name in ("mnist_bound.png", "frey_face_bound.png", "mnist_manifold.png",
+               "frey_face_manifold.png", "mnist_samples_z2.png"):
+    assert (out / name).read_bytes()[:4] == b"\x89PNG", name

@@ -153,12 +153,12 @@ class LowerBoundCurve(keras.callbacks.Callback):
     rows: dicts with samples_seen, epoch, train_elbo and test_elbo.
   """
 
-  def __init__(self, x_train_eval: np.ndarray, x_test_eval: np.ndarray, batch_size: int,
-               every_epochs: int = 1, seed: int = 0):
+  def __init__(self, x_train_eval: np.ndarray, x_test_eval: np.ndarray,
+               examples_per_epoch: int, batch_size: int, every_epochs: int = 1, seed: int = 0):
     super().__init__()
     self.x_train_eval, self.x_test_eval = x_train_eval, x_test_eval
+    self.examples_per_epoch = examples_per_epoch
     self.batch_size, self.every_epochs, self.seed = batch_size, every_epochs, seed
-    self.examples_per_epoch = None
     self.rows: list[dict[str, float]] = []
 
   def on_epoch_end(self, epoch, logs=None):
@@ -290,9 +290,6 @@ def train(model_config: ModelConfig, train_config: TrainConfig, workdir: str | o
                                   profile_batch=0),
       *(callbacks or []),
   ]
-  for callback in callbacks or []:
-    if isinstance(callback, LowerBoundCurve):
-      callback.examples_per_epoch = len(dataset.x_train)
   logging.info("Training on %d %s images %s for %d epochs.", len(dataset.x_train),
                dataset.name, dataset.image_shape, train_config.epochs)
   history = vae.fit(train_data, validation_data=test_data, epochs=train_config.epochs,
