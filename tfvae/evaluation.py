@@ -2,7 +2,9 @@
 
 log p(x) ~= log (1/K) sum_k p(x|z_k) p(z_k) / q(z_k|x), z_k ~ q(z|x)  (Burda et al., 2015,
 appendix; Rezende et al., 2014). The K samples are drawn in chunks of `chunk_size`, merged with
-a running logsumexp, so memory is O(chunk_size * B * D) whatever K is.
+a running logsumexp, so memory is O(chunk_size * B * D) whatever K is: for the default MNIST
+model, B = 100 and chunk_size = 100, the process peaks about 110 MiB above its baseline, the
+same at K = 1000 and K = 5000 (measured with getrusage; see docs/BENCHMARKS.md).
 """
 
 from __future__ import annotations
