@@ -22,6 +22,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
+from timing import median_seconds  # noqa: E402  (bench/ is on sys.path when run as a script)
 
 flags.DEFINE_string("model", None, "SavedModel version folder; default: export a fresh one.")
 flags.DEFINE_integer("repeats", 500, "Timed calls per signature and batch size.")
@@ -49,12 +50,7 @@ def _compute(function, kwargs, repeats):
     return tf.while_loop(lambda i, _: i < repeats, body, (0, 0.0))[1]
 
   loop()
-  times = []
-  for _ in range(5):
-    start = time.perf_counter()
-    loop().numpy()
-    times.append(time.perf_counter() - start)
-  return np.median(times) / repeats
+  return median_seconds(loop) / repeats
 
 
 def _time(function, kwargs, repeats):

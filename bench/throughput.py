@@ -24,6 +24,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
+from timing import median_seconds  # noqa: E402  (bench/ is on sys.path when run as a script)
 
 flags.DEFINE_integer("epochs", 4, "Timed epochs per measurement (after one warm-up epoch).")
 flags.DEFINE_integer("examples", 60000, "Training examples per epoch.")
@@ -52,13 +53,8 @@ def matmul_ceiling(iterations=200):
     return tf.while_loop(lambda i, _: i < iterations, body, (0, 0.0))[1]
 
   loop()
-  times = []
-  for _ in range(5):
-    start = time.perf_counter()
-    loop().numpy()
-    times.append(time.perf_counter() - start)
   flops = 3 * 2 * 128 * 784 * 400 * iterations
-  return flops / statistics.median(times) / 1e9
+  return flops / median_seconds(loop) / 1e9
 
 
 def tfvae_throughput(x, hidden, activation, batch_size):

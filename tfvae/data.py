@@ -229,19 +229,15 @@ def _is_binary(x: np.ndarray) -> bool:
 
 # ---- datasets --------------------------------------------------------------------------------
 
-def _read(path: pathlib.Path) -> bytes:
-  return path.read_bytes()
-
-
 def _load_mnist(data_dir):
-  train, test = (parse_idx_images(_read(p), str(p)) for p in (
+  train, test = (parse_idx_images(p.read_bytes(), str(p)) for p in (
       fetch("mnist", "train-images-idx3-ubyte.gz", data_dir),
       fetch("mnist", "t10k-images-idx3-ubyte.gz", data_dir)))
   return train, test, False
 
 
 def _load_binarized_mnist(data_dir):
-  train, test = (parse_amat(_read(p), str(p)) for p in (
+  train, test = (parse_amat(p.read_bytes(), str(p)) for p in (
       fetch("binarized_mnist", "binarized_mnist_train.amat", data_dir),
       fetch("binarized_mnist", "binarized_mnist_test.amat", data_dir)))
   return train, test, True
@@ -249,7 +245,7 @@ def _load_binarized_mnist(data_dir):
 
 def _load_frey_face(data_dir):
   path = fetch("frey_face", "frey_rawface.mat", data_dir)
-  images = parse_frey_face(_read(path), str(path))  # [1965, 28, 20, 1]
+  images = parse_frey_face(path.read_bytes(), str(path))  # [1965, 28, 20, 1]
   order = np.random.default_rng(0).permutation(len(images))
   num_test = int(round(len(images) * _FREY_FACE_TEST_FRACTION))
   return images[order[num_test:]], images[order[:num_test]], False

@@ -96,27 +96,29 @@ def _signatures(vae) -> dict[str, tuple]:
   image_spec = tf.TensorSpec([None, *config.image_shape], tf.float32, name="x")
   scalar_seed = tf.TensorSpec([], tf.int64, name="seed")
 
-  def encoded(x):
-    posterior = vae.encoder(_check_input(x, config.likelihood))
-    return posterior, {"latent_mean": posterior.mean(), "latent_scale": posterior.stddev()}
+  def check(x):
+    return _check_input(x, config.likelihood)
+
+  def latent_outputs(posterior):
+    return {"latent_mean": posterior.mean(), "latent_scale": posterior.stddev()}
 
   def serving_default(x):
-    x = _check_input(x, config.likelihood)
-    posterior, outputs = encoded(x)
+    x = check(x)
+    posterior = vae.encoder(x)
     terms = objectives.elbo_terms(x, posterior, vae.prior, vae.decoder, 1,
                                   tf.constant([0, 0], tf.int32))
     reconstruction = vae.decoder(posterior.mean()).mean()
-    return {**outputs, "reconstruction": reconstruction, "elbo": terms["elbo"]}
+    return {**latent_outputs(posterior), "reconstruction": reconstruction, "elbo": terms["elbo"]}
 
   def encode(x):
-    return encoded(x)[1]
+    return latent_outputs(vae.encoder(check(x)))
 
   def decode(z):
     tf.debugging.assert_all_finite(z, "z holds NaN or Inf values")
     return {"reconstruction": vae.decoder(z).mean()}
 
   def reconstruct(x):
-    return {"reconstruction": vae.reconstruct(_check_input(x, config.likelihood))}
+    return {"reconstruction": vae.reconstruct(check(x))}
 
   def sample(count, seed):
     tf.debugging.assert_non_negative(count, "count must be >= 0")
@@ -130,7 +132,7 @@ def _signatures(vae) -> dict[str, tuple]:
     tf.debugging.assert_less_equal(num_samples, MAX_NUM_SAMPLES,
                                    f"num_samples must be <= {MAX_NUM_SAMPLES}")
     return {"log_likelihood": evaluation.importance_sampled_log_likelihood(
-        vae, _check_input(x, config.likelihood), num_samples, _stateless_seed(seed))}
+        vae, check(x), num_samples, _stateless_seed(seed))}
 
   return {
       "serving_default": (serving_default, [image_spec]),
