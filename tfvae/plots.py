@@ -9,6 +9,8 @@ import numpy as np
 from PIL import Image
 from scipy import stats
 
+from tfvae.files import atomic_path
+
 
 def image_grid(images: np.ndarray, columns: int, padding: int = 1) -> np.ndarray:
   """Tiles images [N, H, W, C] in [0, 1] into one uint8 picture [rows*(H+p)-p, cols*(W+p)-p, C]."""
@@ -25,15 +27,12 @@ def image_grid(images: np.ndarray, columns: int, padding: int = 1) -> np.ndarray
 
 def save_png(picture: np.ndarray, path: str | os.PathLike, scale: int = 2) -> pathlib.Path:
   """Writes a uint8 [H, W, C] picture, enlarged `scale` times, atomically to `path`."""
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
   mode = "L" if picture.shape[-1] == 1 else "RGB"
   image = Image.fromarray(picture[..., 0] if mode == "L" else picture, mode=mode)
   image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
-  temporary = path.with_name(f".{path.name}.tmp")
-  image.save(temporary, format="PNG")
-  os.replace(temporary, path)
-  return path
+  with atomic_path(path) as temporary:
+    image.save(temporary, format="PNG")
+  return pathlib.Path(path)
 
 
 def save_reconstructions(vae, x: np.ndarray, path, count: int = 32) -> pathlib.Path:
@@ -81,8 +80,6 @@ def save_learning_curves(curves: dict[str, list[dict[str, float]]], path, title:
   matplotlib.use("Agg")
   from matplotlib import pyplot as plt
 
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
   figure, axes = plt.subplots(figsize=(5, 3.6), dpi=100)
   for index, (label, rows) in enumerate(curves.items()):
     color = f"C{index}"
@@ -98,8 +95,7 @@ def save_learning_curves(curves: dict[str, list[dict[str, float]]], path, title:
   axes.grid(alpha=0.3)
   axes.legend(fontsize=6, ncol=2)
   figure.tight_layout()
-  temporary = path.with_name(f".{path.name}.tmp.png")
-  figure.savefig(temporary)
+  with atomic_path(path) as temporary:
+    figure.savefig(temporary)
   plt.close(figure)
-  os.replace(temporary, path)
-  return path
+  return pathlib.Path(path)

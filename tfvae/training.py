@@ -27,6 +27,7 @@ from absl import logging
 from tfvae import data as data_lib
 from tfvae import evaluation, plots
 from tfvae.config import ConfigError, ModelConfig, TrainConfig
+from tfvae.files import atomic_path
 from tfvae.model import VAE
 
 
@@ -188,9 +189,8 @@ class AtomicCheckpoint(keras.callbacks.Callback):
     self.best = json.loads(state.read_text())["best"] if state.is_file() else math.inf
 
   def _save(self, name: str) -> None:
-    temporary = self.directory / f".{name}.tmp.keras"
-    self.model.save(temporary)
-    os.replace(temporary, self.directory / name)
+    with atomic_path(self.directory / name) as temporary:
+      self.model.save(temporary)
 
   def on_epoch_end(self, epoch, logs=None):
     logs = logs or {}
@@ -311,6 +311,5 @@ def train(model_config: ModelConfig, train_config: TrainConfig, workdir: str | o
 
 
 def _write_json(path: pathlib.Path, values: dict[str, Any]) -> None:
-  temporary = path.with_name(f".{path.name}.tmp")
-  temporary.write_text(json.dumps(values, indent=2, sort_keys=True) + "\n")
-  os.replace(temporary, path)
+  with atomic_path(path) as temporary:
+    temporary.write_text(json.dumps(values, indent=2, sort_keys=True) + "\n")
