@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 
-from absl import flags
+from absl import flags, logging
 
 from tfvae import config
 
@@ -83,6 +83,18 @@ def train_config_from_flags() -> config.TrainConfig:
       weight_decay=FLAGS.weight_decay, seed=FLAGS.seed, max_examples=FLAGS.max_examples,
       eval_num_samples=FLAGS.eval_num_samples, strategy=FLAGS.strategy,
       mixed_precision=FLAGS.mixed_precision, steps_per_execution=FLAGS.steps_per_execution)
+
+
+def start(argv) -> None:
+  """What every bin/ main does first: reject stray arguments, quiet TensorFlow's INFO lines.
+
+  TensorFlow logs through absl at INFO, which would drown Keras's progress; --verbosity (or -v)
+  on the command line keeps its say.
+  """
+  if len(argv) > 1:
+    fail(f"unexpected arguments {argv[1:]}; every setting is a --flag")
+  if not FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
 
 
 def fail(message: str, code: int = 2):

@@ -29,7 +29,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tfvae import evaluation, objectives
+from tfvae import data, evaluation, objectives
 from tfvae.model import _stateless_seed
 
 # assets.extra/<this>: the model's config, for tools such as bin/evaluate; servers ignore it.
@@ -161,15 +161,14 @@ def warmup_requests(vae, images: np.ndarray, model_name: str) -> list:
 
   images = np.asarray(images, np.float32)
   latents = vae.encoder(images).mean().numpy()
-  scalars = {"count": np.int32(len(images)), "num_samples": np.int32(10), "seed": np.int64(0)}
+  seed = np.int64(0)
   logs = []
   for batch in sorted({1, len(images)}):
     inputs_by_signature = {
         "serving_default": {"x": images[:batch]}, "encode": {"x": images[:batch]},
         "decode": {"z": latents[:batch]}, "reconstruct": {"x": images[:batch]},
-        "sample": {"count": np.int32(batch), "seed": scalars["seed"]},
-        "log_likelihood": {"x": images[:batch], "num_samples": scalars["num_samples"],
-                           "seed": scalars["seed"]},
+        "sample": {"count": np.int32(batch), "seed": seed},
+        "log_likelihood": {"x": images[:batch], "num_samples": np.int32(10), "seed": seed},
     }
     for name in SIGNATURES:
       request = predict_pb2.PredictRequest()
@@ -180,6 +179,11 @@ def warmup_requests(vae, images: np.ndarray, model_name: str) -> list:
       logs.append(prediction_log_pb2.PredictionLog(
           predict_log=prediction_log_pb2.PredictLog(request=request)))
   return logs
+
+
+def warmup_images(dataset, likelihood: str, count: int = 8) -> np.ndarray:
+  """The first `count` test images of a tfvae.data.Dataset, prepared as the model sees them."""
+  return data.eval_arrays(dataset.x_test[:count], likelihood == "bernoulli", dataset.binary)
 
 
 def _write_warmup(directory: pathlib.Path, logs) -> None:
