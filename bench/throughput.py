@@ -4,18 +4,23 @@
   pip install torch==2.13.0   # only for the comparison; not a tfvae dependency
   python bench/throughput.py
 
-Models, both on the same binarized MNIST tensors (pre-binarized once, reshuffled each epoch):
+Models, both on the same binarized MNIST pixels (binarized once, reshuffled each epoch; tfvae
+holds them as uint8 0/255 as it holds all images, PyTorch as preloaded float32 0/1):
   (a) the paper's MLP: 784-500-20 (decoder mirrored), tanh, batch 100, Adam
   (b) the PyTorch examples' VAE: 784-400-20-400-784, ReLU, batch 128, Adam, Bernoulli logits
       and the analytic KL
 For each: training examples per second (median over --epochs epochs after one warm-up epoch),
 and the achieved GFLOP/s = 6 x dense multiply-adds per example x examples/s. The ceiling is a
 float32 matmul loop in graph mode with (b)'s shapes ([128, 784] x [784, 400] and the two
-transposed products of its gradient), measured in the same run. Prints a Markdown table.
+transposed products of its gradient), measured in the same run twice, with the threads per op
+tfvae trains with and in a fresh process with TensorFlow's defaults; the better one counts.
+tfvae trains as bin/train does (tfvae.training: fused Adam, batch shards, threads per op,
+steps per execution). Prints a Markdown table.
 """
 
 import os
 import statistics
+import subprocess
 import sys
 import time
 
@@ -29,6 +34,7 @@ from timing import median_seconds  # noqa: E402  (bench/ is on sys.path when run
 flags.DEFINE_integer("epochs", 4, "Timed epochs per measurement (after one warm-up epoch).")
 flags.DEFINE_integer("examples", 60000, "Training examples per epoch.")
 flags.DEFINE_bool("torch", True, "Also time the PyTorch loop (needs torch installed).")
+flags.DEFINE_bool("ceiling_only", False, "Print the matmul ceiling (GFLOP/s) and exit.")
 FLAGS = flags.FLAGS
 
 
@@ -57,17 +63,28 @@ def matmul_ceiling(iterations=200):
   return flops / median_seconds(loop) / 1e9
 
 
+def default_threads_ceiling():
+  """The ceiling in a fresh process with TensorFlow's default threads per op."""
+  output = subprocess.run([sys.executable, os.path.abspath(__file__), "--ceiling_only"],
+                          check=True, capture_output=True, text=True).stdout
+  return float(output.strip().splitlines()[-1])
+
+
 def tfvae_throughput(x, hidden, activation, batch_size):
+  """tfvae as bin/train runs it: its optimizer, batch shards and steps per execution."""
   import keras
 
   import tfvae
-  from tfvae import data
+  from tfvae import data, training
   keras.utils.set_random_seed(0)
+  train_config = tfvae.TrainConfig(batch_size=batch_size)
   vae = tfvae.VAE(tfvae.ModelConfig(latent_size=20, hidden_sizes=(hidden,),
-                                    activation=activation))
+                                    activation=activation),
+                  step_shards=training.default_step_shards())
   steps = data.steps_per_epoch(len(x), batch_size)
-  spe = max(d for d in range(1, 21) if steps % d == 0)
-  vae.compile(optimizer=keras.optimizers.Adam(1e-3), steps_per_execution=spe)
+  vae.compile(optimizer=training.make_optimizer(train_config),
+              steps_per_execution=training.choose_steps_per_execution(
+                  steps, train_config.steps_per_execution))
   pipeline = data.train_pipeline(x, batch_size, seed=0, dynamic_binarization=False)
   times = []
 
@@ -104,7 +121,7 @@ def torch_throughput(x, batch_size=128):
 
   model = VAE()
   optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-  data = torch.from_numpy(x.reshape(len(x), 784).astype(np.float32))
+  data = torch.from_numpy(x.reshape(len(x), 784).astype(np.float32) / np.float32(255))
   times = []
   for _ in range(FLAGS.epochs + 1):
     start = time.perf_counter()
@@ -126,10 +143,20 @@ def main(argv):
   del argv
   import tensorflow as tf
 
-  from tfvae import data
+  import tfvae
+  from tfvae import data, training
+  if FLAGS.ceiling_only:
+    print(matmul_ceiling())
+    return
+  # Threads per op as train() sets them, before TensorFlow runs its first op.
+  training.configure_threads(tfvae.TrainConfig(), training.default_step_shards())
   mnist = data.load("mnist")
-  x = data.binarize(mnist.x_train[:FLAGS.examples])
-  ceiling = matmul_ceiling()
+  # Binarized once, held as tfvae holds images (uint8 0/255, scaled inside its step); the
+  # PyTorch loop gets the same pixels as preloaded float32 0/1.
+  x = data.eval_arrays(mnist.x_train[:FLAGS.examples], bernoulli=True, binary=False)
+  own_threads = matmul_ceiling()
+  default_threads = default_threads_ceiling()
+  ceiling = max(own_threads, default_threads)
   rows = []
   for label, hidden, activation, batch in (("(a) paper MLP 784-500-20, tanh, M=100", 500, "tanh",
                                             100),
@@ -147,8 +174,12 @@ def main(argv):
       rows.append((f"PyTorch {version} ({threads} threads) (b)", torch_rate, gflops))
     except ImportError:
       print("torch is not installed: pip install torch==2.13.0 for the comparison")
-  print(f"tensorflow {tf.__version__}, {os.cpu_count()} CPUs; matmul ceiling for (b)'s shapes:"
-        f" {ceiling:.0f} GFLOP/s (graph mode)\n")
+  print(f"tensorflow {tf.__version__}, {os.cpu_count()} CPUs, step_shards"
+        f" {training.default_step_shards()}, intra-op threads"
+        f" {tf.config.threading.get_intra_op_parallelism_threads() or 'default'};"
+        f" matmul ceiling for (b)'s shapes: {ceiling:.0f} GFLOP/s (graph mode; the better of"
+        f" {own_threads:.0f} with these threads and {default_threads:.0f} with TensorFlow's"
+        f" default threads)\n")
   print("| trainer | examples/s | GFLOP/s | % of ceiling |\n|---|---|---|---|")
   for label, rate, gflops in rows:
     print(f"| {label} | {rate:,.0f} | {gflops:.0f} | {100 * gflops / ceiling:.0f}% |")

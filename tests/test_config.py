@@ -43,6 +43,8 @@ def test_impossible_model_configs_fail_with_one_line(kwargs, phrase):
     ({"optimizer": "lbfgs"}, "optimizer='lbfgs'"),
     ({"max_examples": 0}, "max_examples=0"),
     ({"strategy": "horovod"}, "strategy='horovod'"),
+    ({"step_shards": -1}, "step_shards=-1"),
+    ({"intra_op_threads": -2}, "intra_op_threads=-2"),
 ])
 def test_impossible_train_configs_fail(kwargs, phrase):
   with pytest.raises(ConfigError, match=phrase):

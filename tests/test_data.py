@@ -28,7 +28,18 @@ def test_mnist_loads_with_canonical_shapes(mnist):
 def test_binarized_mnist_is_fixed_50k_train_10k_test(data_dir):
   dataset = data.load("binarized_mnist", data_dir)
   assert dataset.x_train.shape == (50000, 28, 28, 1) and dataset.x_test.shape[0] == 10000
-  assert dataset.binary and set(np.unique(dataset.x_test)) == {0, 1}
+  assert dataset.binary and set(np.unique(dataset.x_test)) == {0, 255}  # uint8 0..255
+
+
+def test_binarized_mnist_reaches_the_model_as_zeros_and_ones(data_dir):
+  # Regression: its pixels were uint8 0/1, which the uint8 0..255 convention read as 0 and 1/255.
+  dataset = data.load("binarized_mnist", data_dir, max_examples=500)
+  batch = next(iter(data.train_pipeline(dataset.x_train, 500, seed=0,
+                                        dynamic_binarization=False)))
+  pixels = data.to_unit_float(batch).numpy()
+  assert set(np.unique(pixels)) == {0.0, 1.0}
+  assert 0.08 < pixels.mean() < 0.2  # MNIST's share of ink
+  np.testing.assert_array_equal(data.eval_arrays(dataset.x_test, True, True), dataset.x_test)
 
 
 def test_frey_face_is_1965_faces_of_28x20(data_dir):
@@ -86,7 +97,8 @@ def test_idx_parser_round_trips_and_rejects_bad_bytes():
 def test_amat_parser():
   lines = "\n".join(" ".join(["1", "0"] * 392) for _ in range(3)) + "\n"
   images = data.parse_amat(lines.encode())
-  assert images.shape == (3, 28, 28, 1) and images.sum() == 3 * 392
+  assert images.shape == (3, 28, 28, 1) and images.dtype == np.uint8
+  assert set(np.unique(images)) == {0, 255} and (images == 255).sum() == 3 * 392
   with pytest.raises(DataError, match="not a positive multiple of 784"):
     data.parse_amat(b"0 1 1\n")
   with pytest.raises(DataError, match="other than 0 and 1"):
@@ -130,6 +142,8 @@ def test_npz_user_data(tmp_path):
     ({"x_train": np.zeros((0, 4, 4)), "x_test": np.zeros((2, 4, 4))}, "holds no images"),
     ({"x_train": np.zeros((2, 16)), "x_test": np.zeros((2, 16))}, "expected \\[N, H, W\\]"),
     ({"x_train": np.zeros((2, 4, 4)), "x_test": np.zeros((2, 5, 4))}, "must match"),
+    ({"x_train": np.eye(4, dtype=np.uint8)[None], "x_test": np.zeros((2, 4, 4), np.uint8)},
+     "multiply by 255"),
 ])
 def test_bad_npz_data_fails_with_the_file_and_the_fix(tmp_path, arrays, phrase):
   path = tmp_path / "bad.npz"
@@ -150,9 +164,12 @@ def test_dynamic_binarization_changes_each_epoch_and_keeps_the_mean(mnist_slice)
   x_train, _ = mnist_slice
   batches = iter(data.train_pipeline(x_train, 1000, seed=0, dynamic_binarization=True))
   first, second = next(batches).numpy(), next(batches).numpy()  # epochs 0 and 1
-  assert set(np.unique(first)) == {0.0, 1.0}
+  assert first.dtype == np.uint8 and set(np.unique(first)) == {0, 255}  # as stored: uint8
   assert 0.05 < np.mean(first != second) < 0.3  # reshuffled and rebinarized
-  np.testing.assert_allclose(first.mean(), x_train.mean() / 255, atol=0.005)
+  np.testing.assert_allclose(first.mean() / 255, x_train.mean() / 255, atol=0.005)
+  floats = next(iter(data.train_pipeline(x_train.astype(np.float32) / 255, 1000, seed=0,
+                                         dynamic_binarization=True)))
+  np.testing.assert_array_equal(floats.numpy(), first / 255)  # same draws, float 0/1
 
 
 def test_each_epoch_is_a_permutation_of_the_data():
@@ -188,7 +205,10 @@ def test_test_sets_are_binarized_once_with_a_fixed_seed(mnist_slice):
   _, x_test = mnist_slice
   first = data.eval_arrays(x_test, bernoulli=True, binary=False)
   np.testing.assert_array_equal(first, data.eval_arrays(x_test, bernoulli=True, binary=False))
+  assert first.dtype == np.uint8 and set(np.unique(first)) == {0, 255}
+  # The same draws as binarize, which gives float 0/1.
+  np.testing.assert_array_equal(first / 255, data.binarize(x_test))
   grey = data.eval_arrays(x_test, bernoulli=False, binary=False)
-  assert grey.dtype == np.float32 and 0 < grey.mean() < 1 and len(np.unique(grey)) > 2
+  assert grey is x_test  # kept as uint8 0..255; the model scales it
   batches = list(data.eval_pipeline(first, 64))
   np.testing.assert_array_equal(tf.concat(batches, 0).numpy(), first)

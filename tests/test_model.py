@@ -120,6 +120,52 @@ def test_keras_file_round_trip_gives_identical_outputs(tmp_path, binary_batch):
                                 vae.per_example_terms(binary_batch, seed)["elbo"])
 
 
+def test_uint8_images_are_read_as_0_to_255(small_config, binary_batch):
+  vae = tfvae.VAE(small_config)
+  as_uint8 = (binary_batch * 255).astype(np.uint8)
+  seed = tf.constant([1, 2])
+  for name, value in vae.per_example_terms(binary_batch, seed).items():
+    np.testing.assert_array_equal(vae.per_example_terms(as_uint8, seed)[name], value)
+  np.testing.assert_array_equal(vae.reconstruct(as_uint8), vae.reconstruct(binary_batch))
+  vae.compile(optimizer="adam")
+  scores = [vae.evaluate(x, batch_size=8, verbose=0, return_dict=True)["kl"]
+            for x in (as_uint8, binary_batch)]
+  assert scores[0] == scores[1]
+
+
+def test_step_shards_split_the_batch_and_keep_per_example_order(small_config):
+  x = (np.random.default_rng(0).random((7, 28, 28, 1)) < 0.3).astype(np.float32)
+  whole, sharded = tfvae.VAE(small_config), tfvae.VAE(small_config, step_shards=3)
+  sharded.set_weights(whole.get_weights())
+  seed = tf.constant([5, 6])
+  a = whole._sharded_terms(x, seed, training=False)
+  b = sharded._sharded_terms(x, seed, training=False)
+  # The KL is deterministic: equal per example, in the same order (shards of 2, 2 and 3).
+  np.testing.assert_allclose(b["kl"], a["kl"], rtol=1e-5)
+  assert b["nll"].shape == [7] and not np.allclose(b["nll"], a["nll"])  # own noise per shard
+  # More shards than examples leaves some shards empty and still works.
+  few = tfvae.VAE(small_config, step_shards=4)._sharded_terms(x[:2], seed, training=False)
+  assert few["kl"].shape == [2]
+  with pytest.raises(ValueError, match="step_shards=0"):
+    tfvae.VAE(small_config, step_shards=0)
+  assert tfvae.VAE.from_config(sharded.get_config()).step_shards == 3
+
+
+def test_sharded_training_matches_whole_batch_gradients_without_noise():
+  # The KL term is free of noise: its batch-mean gradient must not depend on the sharding.
+  config = tfvae.ModelConfig(latent_size=3, hidden_sizes=(8,))
+  x = (np.random.default_rng(1).random((10, 28, 28, 1)) < 0.3).astype(np.float32)
+  grads = []
+  for shards in (1, 2):
+    keras.utils.set_random_seed(0)
+    vae = tfvae.VAE(config, step_shards=shards)
+    with tf.GradientTape() as tape:
+      loss = tf.reduce_mean(vae._sharded_terms(x, tf.constant([0, 0]), training=True)["kl"])
+    grads.append(tape.gradient(loss, vae.encoder.trainable_variables))
+  for whole, sharded in zip(*grads, strict=True):
+    np.testing.assert_allclose(sharded, whole, rtol=1e-5, atol=1e-7)
+
+
 def test_building_a_vae_warns_about_nothing(small_config):
   import warnings
   with warnings.catch_warnings():

@@ -2,6 +2,8 @@
 
 import keras
 import numpy as np
+import pytest
+import tensorflow as tf
 
 import tfvae
 from tfvae import data, training
@@ -48,3 +50,24 @@ def test_mixed_precision_computes_in_16_bits_and_keeps_the_objective_float32(tmp
   assert all(t.dtype == "float32" and np.all(np.isfinite(t)) for t in terms.values())
   assert result.history["loss"][-1] < result.history["loss"][0]
   assert keras.mixed_precision.global_policy().name == "float32"  # restored
+
+
+def test_threads_and_shards_defaults_for_this_machine(monkeypatch):
+  monkeypatch.setattr(training, "_num_cores", lambda: 1)
+  assert training.default_step_shards() == 1  # one core: nothing to run concurrently
+  monkeypatch.setattr(training, "_num_cores", lambda: 8)
+  no_accelerator = not tf.config.list_physical_devices("GPU")
+  assert training.default_step_shards() == (2 if no_accelerator else 1)
+  # TensorFlow already ran ops in this test process: an explicit setting says so and how to
+  # fix it; the automatic one leaves TensorFlow's threads alone.
+  tf.constant(1.0) + 1.0
+  with pytest.raises(tfvae.ConfigError, match="intra_op_threads=3 cannot be applied"):
+    training.configure_threads(tfvae.TrainConfig(intra_op_threads=3), 2)
+  training.configure_threads(tfvae.TrainConfig(), 2)
+
+
+def test_steps_per_execution_divides_the_epoch():
+  assert training.choose_steps_per_execution(469, 100) == 67  # 469 = 7 x 67
+  assert training.choose_steps_per_execution(600, 100) == 100
+  assert training.choose_steps_per_execution(17, 100) == 17
+  assert training.choose_steps_per_execution(600, 100, num_replicas=2) == 1

@@ -58,7 +58,12 @@ def define_train_flags() -> None:
   flags.DEFINE_bool("mixed_precision", defaults.mixed_precision,
                     "Compute in 16-bit floats; the objective stays float32.")
   flags.DEFINE_integer("steps_per_execution", defaults.steps_per_execution,
-                       "Training steps per call into the compiled graph.")
+                       "At most this many training steps per call into the compiled graph.")
+  flags.DEFINE_integer("step_shards", defaults.step_shards,
+                       "Split each batch into this many concurrent branches; 0: 2 on a"
+                       " multi-core CPU, else 1.")
+  flags.DEFINE_integer("intra_op_threads", defaults.intra_op_threads,
+                       "Threads per TensorFlow op; 0: cores / step_shards when split.")
 
 
 def model_config_from_flags(image_shape) -> config.ModelConfig:
@@ -82,7 +87,8 @@ def train_config_from_flags() -> config.TrainConfig:
       epochs=FLAGS.epochs, optimizer=FLAGS.optimizer, learning_rate=FLAGS.learning_rate,
       weight_decay=FLAGS.weight_decay, seed=FLAGS.seed, max_examples=FLAGS.max_examples,
       eval_num_samples=FLAGS.eval_num_samples, strategy=FLAGS.strategy,
-      mixed_precision=FLAGS.mixed_precision, steps_per_execution=FLAGS.steps_per_execution)
+      mixed_precision=FLAGS.mixed_precision, steps_per_execution=FLAGS.steps_per_execution,
+      step_shards=FLAGS.step_shards, intra_op_threads=FLAGS.intra_op_threads)
 
 
 def start(argv) -> None:

@@ -128,8 +128,14 @@ class TrainConfig:
     eval_num_samples: K for the importance-sampled test log-likelihood at the end; 0 skips it.
     strategy: tf.distribute strategy name.
     mixed_precision: compute in 16-bit floats, keep the objective in float32.
-    steps_per_execution: training steps per call into the compiled graph; larger values
-      amortize the Python overhead of each call (Keras `compile` argument).
+    steps_per_execution: at most this many training steps per call into the compiled graph
+      (Keras `compile` argument); larger values amortize the several milliseconds each call
+      costs. train() takes the largest divisor of the steps per epoch up to this value.
+    step_shards: independent branches each training batch is split into (see tfvae.VAE);
+      0 picks `tfvae.training.default_step_shards()`: 2 on a multi-core CPU, else 1.
+    intra_op_threads: threads each TensorFlow op may use; 0 picks the machine's cores divided
+      by step_shards when the batch is split, else TensorFlow's own default. Takes effect only
+      before TensorFlow has run its first op in the process (bin/train always is).
   """
 
   dataset: str = "mnist"
@@ -144,7 +150,9 @@ class TrainConfig:
   eval_num_samples: int = 0
   strategy: str = "default"
   mixed_precision: bool = False
-  steps_per_execution: int = 20
+  steps_per_execution: int = 100
+  step_shards: int = 0
+  intra_op_threads: int = 0
 
   def __post_init__(self):
     if not self.dataset.startswith("npz:"):
@@ -166,3 +174,7 @@ class TrainConfig:
     _one_of("strategy", self.strategy, STRATEGIES)
     _require(self.steps_per_execution >= 1,
              f"steps_per_execution={self.steps_per_execution} must be at least 1")
+    _require(self.step_shards >= 0,
+             f"step_shards={self.step_shards} must be >= 0 (0 picks one for the machine)")
+    _require(self.intra_op_threads >= 0,
+             f"intra_op_threads={self.intra_op_threads} must be >= 0 (0 picks a default)")

@@ -153,7 +153,10 @@ def parse_idx_images(raw: bytes, source: str = "<bytes>") -> np.ndarray:
 
 
 def parse_amat(raw: bytes, source: str = "<bytes>", image_shape=(28, 28)) -> np.ndarray:
-  """Decodes a binarized-MNIST .amat file (one image of 0/1 per line): uint8 [N, 28, 28, 1]."""
+  """Decodes a binarized-MNIST .amat file (one image of 0/1 per line): uint8 [N, 28, 28, 1].
+
+  Pixels come back as 0 and 255, tfvae's uint8 convention (0..255; see `to_unit_float`).
+  """
   size = image_shape[0] * image_shape[1]
   values = np.frombuffer(raw, np.uint8)
   # Fast path: the canonical layout is one digit and one separator per pixel.
@@ -170,7 +173,7 @@ def parse_amat(raw: bytes, source: str = "<bytes>", image_shape=(28, 28)) -> np.
                     f" ({image_shape[0]}x{image_shape[1]} images); the file is truncated")
   if np.any((digits != 0) & (digits != 1)):
     raise DataError(f"{source}: pixels other than 0 and 1; this is not binarized MNIST")
-  return digits.astype(np.uint8).reshape(-1, *image_shape, 1)
+  return (digits.astype(np.uint8) * np.uint8(255)).reshape(-1, *image_shape, 1)
 
 
 def parse_frey_face(raw: bytes, source: str = "<bytes>", check_sha256: bool = True) -> np.ndarray:
@@ -210,6 +213,9 @@ def check_images(x, source: str) -> np.ndarray:
   if x.shape[0] == 0 or 0 in x.shape:
     raise DataError(f"{source}: shape {x.shape} holds no images")
   if x.dtype == np.uint8:
+    if x.max() == 1:
+      raise DataError(f"{source}: uint8 pixels are only 0 and 1, but tfvae reads uint8 as 0..255"
+                      f" (1 would be almost black); multiply by 255, or pass floats in [0, 1]")
     return x
   if not np.issubdtype(x.dtype, np.floating) and not np.issubdtype(x.dtype, np.integer):
     raise DataError(f"{source}: dtype {x.dtype}; expected uint8 in 0..255 or floats in [0, 1]")
@@ -224,7 +230,9 @@ def check_images(x, source: str) -> np.ndarray:
 
 
 def _is_binary(x: np.ndarray) -> bool:
-  return bool(np.all((x == 0) | (x == 1)))
+  """Every pixel black or white: 0 or 255 for uint8, 0 or 1 for floats."""
+  white = 255 if x.dtype == np.uint8 else 1
+  return bool(np.all((x == 0) | (x == white)))
 
 
 # ---- datasets --------------------------------------------------------------------------------
@@ -300,16 +308,21 @@ def load(name: str, data_dir=None, max_examples: int | None = None) -> Dataset:
 
 def to_unit_float(images) -> tf.Tensor:
   """uint8 0..255 -> float32 /255; floats pass through as float32."""
+  images = tf.convert_to_tensor(images)
   if images.dtype == tf.uint8:
     return tf.cast(images, tf.float32) / 255.0
   return tf.cast(images, tf.float32)
 
 
+def _bernoulli_draws(images: np.ndarray, seed: int) -> np.ndarray:
+  """x ~ Bernoulli(pixel) with a fixed seed: a bool array shaped like images."""
+  probabilities = to_unit_float(images).numpy()
+  return np.random.default_rng(seed).random(probabilities.shape, dtype=np.float32) < probabilities
+
+
 def binarize(images: np.ndarray, seed: int = TEST_BINARIZATION_SEED) -> np.ndarray:
   """x ~ Bernoulli(pixel), once, with a fixed seed; float32 [N, H, W, C] of 0 and 1."""
-  probabilities = to_unit_float(tf.convert_to_tensor(images)).numpy()
-  uniform = np.random.default_rng(seed).random(probabilities.shape, dtype=np.float32)
-  return (uniform < probabilities).astype(np.float32)
+  return _bernoulli_draws(images, seed).astype(np.float32)
 
 
 def _dataset_options() -> tf.data.Options:
@@ -327,7 +340,11 @@ def steps_per_epoch(num_examples: int, batch_size: int) -> int:
 
 def train_pipeline(images: np.ndarray, batch_size: int, seed: int, dynamic_binarization: bool,
                    first_epoch: int = 0, num_epochs: int | None = None) -> tf.data.Dataset:
-  """Float32 training batches [M, H, W, C] in [0, 1], epoch after epoch.
+  """Training batches [M, H, W, C], epoch after epoch, as the model takes them.
+
+  Batches keep the images' dtype, uint8 0..255 or float32 in [0, 1] (the VAE scales uint8
+  itself, inside its step, so the pipeline moves a quarter of the bytes); dynamic binarization
+  gives 0 and 255 (uint8) or 0 and 1 (floats).
 
   Epoch e's order (and, with dynamic binarization, its Bernoulli draws x ~ Bernoulli(pixel))
   depend only on (seed, e), so a run resumed at epoch e sees exactly the batches an
@@ -352,12 +369,14 @@ def train_pipeline(images: np.ndarray, batch_size: int, seed: int, dynamic_binar
     batches = tf.data.Dataset.from_tensor_slices(order).batch(batch_size).enumerate()
 
     def load_batch(index, batch_indices):
-      probabilities = to_unit_float(tf.gather(stored, batch_indices))  # [M, H, W, C]
+      images = tf.gather(stored, batch_indices)  # [M, H, W, C]
       if not dynamic_binarization:
-        return probabilities
+        return images
+      probabilities = to_unit_float(images)
       noise_seed = tf.random.experimental.stateless_fold_in(epoch_seed, index + 1)
       uniform = tf.random.stateless_uniform(tf.shape(probabilities), seed=noise_seed)
-      return tf.cast(uniform < probabilities, tf.float32)
+      white = tf.constant(255 if images.dtype == tf.uint8 else 1, images.dtype)
+      return tf.where(uniform < probabilities, white, tf.zeros_like(white))
 
     return batches.map(load_batch)
 
@@ -367,13 +386,21 @@ def train_pipeline(images: np.ndarray, batch_size: int, seed: int, dynamic_binar
 
 
 def eval_arrays(images: np.ndarray, bernoulli: bool, binary: bool) -> np.ndarray:
-  """The fixed float32 evaluation images: binarized once for Bernoulli unless already binary."""
-  if bernoulli and not binary:
-    return binarize(images)
-  return to_unit_float(tf.convert_to_tensor(images)).numpy()
+  """The fixed evaluation images: binarized once (fixed seed) for Bernoulli unless binary.
+
+  Returns uint8 (0..255; binarized: 0 and 255) for uint8 images, which is what the VAE and
+  tfvae.evaluation take and a quarter of float32's memory; float32 in [0, 1] for float images.
+  Scale with `to_unit_float` before feeding anything else, e.g. a SavedModel signature.
+  """
+  if not bernoulli or binary:
+    return images
+  draws = _bernoulli_draws(images, TEST_BINARIZATION_SEED)
+  if images.dtype == np.uint8:
+    return draws.astype(np.uint8) * np.uint8(255)
+  return draws.astype(np.float32)
 
 
 def eval_pipeline(images: np.ndarray, batch_size: int) -> tf.data.Dataset:
-  """Float32 [0, 1] images (from `eval_arrays`) -> unshuffled batches."""
+  """Images from `eval_arrays` (uint8 or float32) -> unshuffled batches of the same dtype."""
   return (tf.data.Dataset.from_tensor_slices(images).batch(batch_size).prefetch(2)
           .with_options(_dataset_options()))

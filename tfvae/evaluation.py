@@ -16,7 +16,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfvae import objectives
-from tfvae.data import eval_pipeline
+from tfvae.data import to_unit_float
 
 DEFAULT_CHUNK_SIZE = 100
 
@@ -34,12 +34,12 @@ def importance_sampled_log_likelihood(vae, x: tf.Tensor, num_samples, seed: tf.T
 
   Args:
     vae: a tfvae.VAE.
-    x: [B, H, W, C] float32 in [0, 1].
+    x: [B, H, W, C] float32 in [0, 1] or uint8 0..255.
     num_samples: K >= 1.
     seed: int32 [2] stateless seed.
     chunk_size: samples per chunk; bounds memory.
   """
-  x = tf.cast(x, tf.float32)
+  x = to_unit_float(x)
   posterior = vae.encoder(x)
   num_samples = tf.cast(num_samples, tf.int32)
   num_chunks = (num_samples + chunk_size - 1) // chunk_size
@@ -85,7 +85,8 @@ def evaluate(vae, x: np.ndarray, num_samples: int, seed: int = 0, batch_size: in
 
   Args:
     vae: a tfvae.VAE.
-    x: [N, H, W, C] float32 evaluation images in [0, 1] (see tfvae.data.eval_arrays).
+    x: [N, H, W, C] evaluation images from tfvae.data.eval_arrays: uint8 0..255 or float32 in
+      [0, 1].
     num_samples: K for the importance-sampled log-likelihood; 0 skips it.
 
   Returns:
@@ -124,7 +125,9 @@ def _aggregate(batch_terms, x: np.ndarray, num_samples: int,
                batch_size: int) -> dict[str, float]:
   """Per-example means of batch_terms(batch, index) -> {name: [B]} over x, plus bits/dim."""
   sums: dict[str, float] = {}
-  for index, batch in enumerate(eval_pipeline(x, batch_size)):
+  # Batch by batch from the array: no second copy of the whole set inside TensorFlow.
+  for index, start in enumerate(range(0, len(x), batch_size)):
+    batch = to_unit_float(x[start:start + batch_size])
     for name, values in batch_terms(batch, tf.constant(index, tf.int64)).items():
       sums[name] = sums.get(name, 0.0) + float(tf.reduce_sum(tf.cast(values, tf.float64)))
   results = {name: total / len(x) for name, total in sums.items()}

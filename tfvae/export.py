@@ -182,8 +182,9 @@ def warmup_requests(vae, images: np.ndarray, model_name: str) -> list:
 
 
 def warmup_images(dataset, likelihood: str, count: int = 8) -> np.ndarray:
-  """The first `count` test images of a tfvae.data.Dataset, prepared as the model sees them."""
-  return data.eval_arrays(dataset.x_test[:count], likelihood == "bernoulli", dataset.binary)
+  """The first `count` test images of a tfvae.data.Dataset as float32 signature inputs."""
+  return data.to_unit_float(data.eval_arrays(dataset.x_test[:count], likelihood == "bernoulli",
+                                             dataset.binary)).numpy()
 
 
 def _write_warmup(directory: pathlib.Path, logs) -> None:
@@ -202,7 +203,8 @@ def export(vae, export_dir: str | os.PathLike, model_name: str, version: int | N
     model_name: the model's folder name.
     version: an explicit version; by default one above the largest present. An existing
       version is never overwritten.
-    warmup_images: a few real float32 images [B, H, W, C]; when given, the export carries
+    warmup_images: a few real images [B, H, W, C] (float32 in [0, 1], or uint8 0..255, as
+      tfvae.data.eval_arrays gives them); when given, the export carries
       assets.extra/tf_serving_warmup_requests so the server traces every signature before
       its first request.
 
@@ -227,7 +229,8 @@ def export(vae, export_dir: str | os.PathLike, model_name: str, version: int | N
     (extra / METADATA_FILE).write_text(json.dumps(
         {"model_config": vae.model_config.to_dict(), "signatures": list(SIGNATURES)}, indent=2))
     if warmup_images is not None:
-      _write_warmup(extra, warmup_requests(vae, warmup_images, model_name))
+      images = data.to_unit_float(warmup_images).numpy()  # the signatures take float32 [0, 1]
+      _write_warmup(extra, warmup_requests(vae, images, model_name))
     os.rename(temporary, final)
   except BaseException:
     shutil.rmtree(temporary, ignore_errors=True)

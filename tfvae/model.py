@@ -16,6 +16,7 @@ import tensorflow_probability as tfp
 
 from tfvae import distributions, networks, objectives
 from tfvae.config import ModelConfig
+from tfvae.data import to_unit_float
 
 tfd = tfp.distributions
 
@@ -30,7 +31,10 @@ def _as_config(model_config: ModelConfig | dict[str, Any]) -> ModelConfig:
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
 class Encoder(keras.Model):
-  """Recognition model: x [..., H, W, C] -> q(z|x), a diagonal Normal with event shape [J]."""
+  """Recognition model: x [B, H, W, C] -> q(z|x), a diagonal Normal with event shape [J].
+
+  x is float in [0, 1], or uint8 0..255 (scaled by 1/255 here).
+  """
 
   def __init__(self, model_config: ModelConfig | dict[str, Any], **kwargs):
     super().__init__(**kwargs)
@@ -38,7 +42,7 @@ class Encoder(keras.Model):
     self.network = networks.build_encoder_network(self.model_config)
 
   def call(self, x, training=None) -> tfd.Distribution:
-    params = tf.cast(self.network(x, training=training), tf.float32)  # [B, 2J]
+    params = tf.cast(self.network(to_unit_float(x), training=training), tf.float32)  # [B, 2J]
     loc, raw_scale = tf.split(params, 2, axis=-1)  # [B, J] each
     return distributions.make_posterior(loc, raw_scale)
 
@@ -80,19 +84,28 @@ class VAE(keras.Model):
     z_mean = vae.encoder(x_test).mean()
     images = vae.sample(16, seed=0)
 
-  x is float in [0, 1], shaped [N, H, W, C] as in `model_config.image_shape`. Metrics are
+  x is float in [0, 1] or uint8 0..255 (scaled by 1/255 inside the model), shaped
+  [N, H, W, C] as in `model_config.image_shape`. Metrics are
   per-example means in nats: loss (what is minimized), elbo, kl and nll (-E_q log p(x|z)).
 
   Args:
     model_config: a ModelConfig or its dict.
     seed: seeds the reparameterization noise of training and evaluation steps.
+    step_shards: split each training and test batch into this many shards of (nearly) equal
+      size whose forward and backward passes are independent branches of the step's graph,
+      which TensorFlow runs concurrently on a multi-core CPU. The loss and gradient are the
+      same batch means (each shard draws its own noise). 1 runs the batch whole, as a GPU
+      wants; see tfvae.training.default_step_shards and docs/BENCHMARKS.md.
   """
 
   def __init__(self, model_config: ModelConfig | dict[str, Any] | None = None, seed: int = 0,
-               **kwargs):
+               step_shards: int = 1, **kwargs):
     super().__init__(**kwargs)
     self.model_config = _as_config(model_config or ModelConfig())
     self.seed = int(seed)
+    if int(step_shards) < 1:
+      raise ValueError(f"step_shards={step_shards} must be >= 1 (1 runs each batch whole)")
+    self.step_shards = int(step_shards)
     self.encoder = Encoder(self.model_config, name="encoder")
     self.decoder = Decoder(self.model_config, name="decoder")
     self.prior = distributions.make_prior(self.model_config.latent_size)
@@ -137,11 +150,21 @@ class VAE(keras.Model):
   def per_example_terms(self, x, seed, training=False,
                         num_samples: int | None = None) -> dict[str, tf.Tensor]:
     """The objective's per-example [B] terms for x; see tfvae.objectives.per_example_loss."""
-    x = tf.cast(x, tf.float32)
+    x = to_unit_float(x)
     return objectives.per_example_loss(
         self.model_config.objective, x, self.encoder(x, training=training), self.prior,
         lambda z: self.decoder(z, training=training),
         num_samples or self.model_config.num_samples, seed, beta=self.model_config.beta)
+
+  def _sharded_terms(self, x, seed, training: bool) -> dict[str, tf.Tensor]:
+    """per_example_terms of x [B, ...] computed in `step_shards` independent branches, [B]."""
+    if self.step_shards == 1:
+      return self.per_example_terms(x, seed, training=training)
+    size = tf.shape(x)[0]
+    bounds = [size * i // self.step_shards for i in range(self.step_shards + 1)]
+    shards = [self.per_example_terms(x[start:stop], _fold_in(seed, i), training=training)
+              for i, (start, stop) in enumerate(zip(bounds[:-1], bounds[1:], strict=True))]
+    return {name: tf.concat([shard[name] for shard in shards], axis=0) for name in shards[0]}
 
   def _next_seed(self) -> tf.Tensor:
     """A fresh [2] int32 stateless seed per call, for evaluation steps."""
@@ -173,7 +196,7 @@ class VAE(keras.Model):
   def train_step(self, data):
     x, _, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
     with tf.GradientTape() as tape:
-      terms = self.per_example_terms(x, self._train_seed(), training=True)
+      terms = self._sharded_terms(x, self._train_seed(), training=True)
       loss = _weighted_mean(terms["loss"], sample_weight)
       if self.losses:
         loss += tf.add_n(self.losses)
@@ -186,7 +209,7 @@ class VAE(keras.Model):
 
   def test_step(self, data):
     x, _, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-    terms = self.per_example_terms(x, self._next_seed(), training=False)
+    terms = self._sharded_terms(x, self._next_seed(), training=False)
     return self._update_metrics(terms, sample_weight)
 
   @property
@@ -202,7 +225,7 @@ class VAE(keras.Model):
 
   def get_config(self):
     return {**super().get_config(), "model_config": self.model_config.to_dict(),
-            "seed": self.seed}
+            "seed": self.seed, "step_shards": self.step_shards}
 
 
 def _multi_worker(strategy) -> bool:
@@ -216,6 +239,12 @@ def _weighted_mean(values: tf.Tensor, sample_weight) -> tf.Tensor:
     return tf.reduce_mean(values)
   weights = tf.cast(tf.reshape(sample_weight, [-1]), values.dtype)
   return tf.math.divide_no_nan(tf.reduce_sum(values * weights), tf.reduce_sum(weights))
+
+
+def _fold_in(seed: tf.Tensor, index: int) -> tf.Tensor:
+  """An int32 [2] stateless seed derived from `seed` and a shard index."""
+  return tf.cast(tf.random.experimental.stateless_fold_in(tf.cast(seed, tf.int64), index),
+                 tf.int32)
 
 
 def _stateless_seed(seed: int | tf.Tensor) -> tf.Tensor:

@@ -9,6 +9,7 @@ import numpy as np
 from PIL import Image
 from scipy import stats
 
+from tfvae.data import to_unit_float
 from tfvae.files import atomic_path
 
 
@@ -37,7 +38,7 @@ def save_png(picture: np.ndarray, path: str | os.PathLike, scale: int = 2) -> pa
 
 def save_reconstructions(vae, x: np.ndarray, path, count: int = 32) -> pathlib.Path:
   """Rows of originals above their reconstructions E[x|z = E[z|x]]."""
-  x = np.asarray(x[:count], np.float32)
+  x = to_unit_float(x[:count]).numpy()
   reconstructions = vae.reconstruct(x).numpy()
   columns = min(len(x), 8)
   pairs = []

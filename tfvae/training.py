@@ -29,6 +29,7 @@ from tfvae import evaluation, plots
 from tfvae.config import ConfigError, ModelConfig, TrainConfig
 from tfvae.files import atomic_path
 from tfvae.model import VAE
+from tfvae.optimizers import FusedAdam, FusedAdamW
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -57,12 +58,67 @@ def make_optimizer(config: TrainConfig) -> keras.optimizers.Optimizer:
   if config.optimizer == "adamw":
     kwargs["weight_decay"] = config.weight_decay  # AdamW always decays; 0 turns it off.
   return {
-      "adam": keras.optimizers.Adam,
-      "adamw": keras.optimizers.AdamW,
+      "adam": FusedAdam,
+      "adamw": FusedAdamW,
       "adagrad": keras.optimizers.Adagrad,
       "sgd": keras.optimizers.SGD,
       "rmsprop": keras.optimizers.RMSprop,
   }[config.optimizer](**kwargs)
+
+
+def _num_cores() -> int:
+  try:
+    return len(os.sched_getaffinity(0))  # the cores this process may run on
+  except AttributeError:  # not on Linux
+    return os.cpu_count() or 1
+
+
+def default_step_shards() -> int:
+  """2 concurrent batch shards on a multi-core CPU-only machine, else 1 (whole batches).
+
+  On the 2-core CPU of docs/BENCHMARKS.md, two shards with one thread per op trained the
+  784-400-20 VAE faster than whole batches with two threads per op: the two branches keep both
+  cores busy without the per-op thread hand-offs. Accelerators want the whole batch.
+  """
+  accelerators = tf.config.list_physical_devices("GPU") + tf.config.list_physical_devices("TPU")
+  return 2 if not accelerators and _num_cores() >= 2 else 1
+
+
+def configure_threads(train_config: TrainConfig, step_shards: int) -> None:
+  """Sets TensorFlow's threads per op from train_config.intra_op_threads (0: see TrainConfig).
+
+  TensorFlow fixes its thread pools when it runs its first op. An explicit setting that comes
+  too late raises ConfigError; the automatic one is then skipped with a log line.
+  """
+  threads = train_config.intra_op_threads
+  explicit = threads > 0
+  if not explicit and step_shards > 1:
+    threads = max(1, _num_cores() // step_shards)
+  if not threads:
+    return
+  try:
+    tf.config.threading.set_intra_op_parallelism_threads(threads)
+  except RuntimeError as e:
+    if explicit:
+      raise ConfigError(f"intra_op_threads={threads} cannot be applied: TensorFlow already"
+                        f" ran an op in this process ({e}); set it before any TensorFlow work,"
+                        f" or leave it at 0") from e
+    logging.info("Keeping TensorFlow's threads per op (%s); it was initialized already.", e)
+
+
+def choose_steps_per_execution(steps_per_epoch: int, limit: int, num_replicas: int = 1) -> int:
+  """The largest divisor of steps_per_epoch up to limit; 1 with several replicas.
+
+  Keras runs whole blocks of steps_per_execution steps, so a block size that does not divide
+  the epoch would run extra steps and shift every later epoch's data.
+  """
+  if num_replicas > 1 and limit > 1:
+    # Keras 3.15's multi-step loop fails under tf.distribute replicas ("You must feed a value
+    # for placeholder tensor ... while/cond"); one step per call works.
+    logging.warning("steps_per_execution=%d is not supported with %d replicas; using 1.",
+                    limit, num_replicas)
+    return 1
+  return max(d for d in range(1, min(limit, steps_per_epoch) + 1) if steps_per_epoch % d == 0)
 
 
 def make_strategy(name: str) -> tf.distribute.Strategy:
@@ -235,7 +291,9 @@ def train(model_config: ModelConfig, train_config: TrainConfig, workdir: str | o
     tfvae.data.DataError: the data cannot be loaded.
     NonFiniteLossError: training diverged; workdir keeps the last good checkpoints.
   """
-  # First: multi-worker collectives must be configured before TensorFlow runs any op.
+  # First: thread pools and multi-worker collectives are fixed when TensorFlow runs its first op.
+  step_shards = train_config.step_shards or default_step_shards()
+  configure_threads(train_config, step_shards)
   strategy = make_strategy(train_config.strategy)
   chief = is_chief(strategy)
   workdir = pathlib.Path(workdir)
@@ -265,20 +323,16 @@ def train(model_config: ModelConfig, train_config: TrainConfig, workdir: str | o
                                        first_epoch=first_epoch)
   x_test = data_lib.eval_arrays(dataset.x_test, bernoulli, dataset.binary)
   test_data = data_lib.eval_pipeline(x_test, train_config.batch_size)
+  if strategy.num_replicas_in_sync > 1:
+    # Keras's multi-worker input handling runs collectives, which take no uint8 tensors.
+    train_data, test_data = (pipeline.map(data_lib.to_unit_float)
+                             for pipeline in (train_data, test_data))
 
   steps = data_lib.steps_per_epoch(len(dataset.x_train), train_config.batch_size)
-  # Keras runs whole blocks of steps_per_execution steps, so a block size that does not divide
-  # the epoch would run extra steps and shift every later epoch's data: take a divisor.
-  steps_per_execution = max(d for d in range(1, min(train_config.steps_per_execution, steps) + 1)
-                            if steps % d == 0)
-  if strategy.num_replicas_in_sync > 1 and steps_per_execution > 1:
-    # Keras 3.15's multi-step loop fails under tf.distribute replicas ("You must feed a value
-    # for placeholder tensor ... while/cond"); one step per call works.
-    logging.warning("steps_per_execution=%d is not supported with %d replicas; using 1.",
-                    steps_per_execution, strategy.num_replicas_in_sync)
-    steps_per_execution = 1
+  steps_per_execution = choose_steps_per_execution(steps, train_config.steps_per_execution,
+                                                   strategy.num_replicas_in_sync)
   with strategy.scope(), _dtype_policy(train_config.mixed_precision):
-    vae = VAE(model_config, seed=train_config.seed)
+    vae = VAE(model_config, seed=train_config.seed, step_shards=step_shards)
     vae.compile(optimizer=make_optimizer(train_config), steps_per_execution=steps_per_execution)
 
   all_callbacks = [
