@@ -62,7 +62,7 @@ def test_chunks_merge_into_the_logsumexp_over_all_samples(small_config, binary_b
   posterior = vae.encoder(binary_batch)
   log_weights = np.concatenate([objectives.log_importance_weights(
       binary_batch, posterior, vae.prior, vae.decoder, count,
-      evaluation._fold_in(seed, i))[0].numpy() for i, count in enumerate((64, 64, 22))])
+      objectives.fold_in(seed, i))[0].numpy() for i, count in enumerate((64, 64, 22))])
   assert log_weights.shape == (150, 8)
   np.testing.assert_allclose(estimate, special.logsumexp(log_weights, axis=0) - np.log(150),
                              rtol=1e-6)

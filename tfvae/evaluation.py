@@ -21,11 +21,6 @@ from tfvae.data import to_unit_float
 DEFAULT_CHUNK_SIZE = 100
 
 
-def _fold_in(seed: tf.Tensor, index) -> tf.Tensor:
-  return tf.cast(tf.random.experimental.stateless_fold_in(seed, tf.cast(index, tf.int64)),
-                 tf.int32)
-
-
 def importance_sampled_log_likelihood(vae, x: tf.Tensor, num_samples, seed: tf.Tensor,
                                       chunk_size: int = DEFAULT_CHUNK_SIZE) -> tf.Tensor:
   """The K-sample estimate of log p(x), [B]; K = num_samples (a Python int or int32 tensor).
@@ -46,7 +41,8 @@ def importance_sampled_log_likelihood(vae, x: tf.Tensor, num_samples, seed: tf.T
   def accumulate(i, total):
     count = tf.minimum(chunk_size, num_samples - i * chunk_size)
     log_weights, _ = objectives.log_importance_weights(
-        x, posterior, vae.prior, vae.decoder, count, _fold_in(seed, i))  # [count, B]
+        x, posterior, vae.prior, vae.decoder, count,
+        objectives.fold_in(seed, i))  # [count, B]
     chunk_total = tf.reduce_logsumexp(log_weights, axis=0)  # [B]
     return i + 1, tf.reduce_logsumexp(tf.stack([total, chunk_total]), axis=0)
 
@@ -69,10 +65,10 @@ def _batch_terms_function(vae, num_samples: int, chunk_size: int):
     @tf.function(reduce_retracing=True)
     def batch_terms(batch, batch_seed):
       terms = objectives.elbo_terms(batch, vae.encoder(batch), vae.prior, vae.decoder, 1,
-                                    _fold_in(batch_seed, 0))
+                                    objectives.fold_in(batch_seed, 0))
       if num_samples > 0:
         terms["log_likelihood"] = importance_sampled_log_likelihood(
-            vae, batch, num_samples, _fold_in(batch_seed, 1), chunk_size)
+            vae, batch, num_samples, objectives.fold_in(batch_seed, 1), chunk_size)
       return terms
 
     functions[key] = batch_terms
@@ -95,8 +91,9 @@ def evaluate(vae, x: np.ndarray, num_samples: int, seed: int = 0, batch_size: in
   """
   batch_terms = _batch_terms_function(vae, num_samples, chunk_size)
   base_seed = tf.constant([seed, 0], tf.int32)
-  return _aggregate(lambda batch, index: batch_terms(batch, _fold_in(base_seed, index)), x,
-                    num_samples, batch_size)
+  return _aggregate(
+      lambda batch, index: batch_terms(batch, objectives.fold_in(base_seed, index)), x,
+      num_samples, batch_size)
 
 
 def evaluate_saved_model(path, x: np.ndarray, num_samples: int, seed: int = 0,

@@ -162,7 +162,8 @@ class VAE(keras.Model):
       return self.per_example_terms(x, seed, training=training)
     size = tf.shape(x)[0]
     bounds = [size * i // self.step_shards for i in range(self.step_shards + 1)]
-    shards = [self.per_example_terms(x[start:stop], _fold_in(seed, i), training=training)
+    shards = [self.per_example_terms(x[start:stop], objectives.fold_in(seed, i),
+                                     training=training)
               for i, (start, stop) in enumerate(zip(bounds[:-1], bounds[1:], strict=True))]
     return {name: tf.concat([shard[name] for shard in shards], axis=0) for name in shards[0]}
 
@@ -239,12 +240,6 @@ def _weighted_mean(values: tf.Tensor, sample_weight) -> tf.Tensor:
     return tf.reduce_mean(values)
   weights = tf.cast(tf.reshape(sample_weight, [-1]), values.dtype)
   return tf.math.divide_no_nan(tf.reduce_sum(values * weights), tf.reduce_sum(weights))
-
-
-def _fold_in(seed: tf.Tensor, index: int) -> tf.Tensor:
-  """An int32 [2] stateless seed derived from `seed` and a shard index."""
-  return tf.cast(tf.random.experimental.stateless_fold_in(tf.cast(seed, tf.int64), index),
-                 tf.int32)
 
 
 def _stateless_seed(seed: int | tf.Tensor) -> tf.Tensor:

@@ -21,6 +21,12 @@ tfd = tfp.distributions
 DecodeFn = Callable[[tf.Tensor], tfd.Distribution]
 
 
+def fold_in(seed: tf.Tensor, index) -> tf.Tensor:
+  """An int32 [2] stateless seed derived from seed [2] and an integer index (chunk, shard...)."""
+  return tf.cast(tf.random.experimental.stateless_fold_in(seed, tf.cast(index, tf.int64)),
+                 tf.int32)
+
+
 def analytic_kl(posterior: tfd.Distribution, prior: tfd.Distribution) -> tf.Tensor:
   """KL(q(z|x) || p(z)) in closed form, [B].
 
