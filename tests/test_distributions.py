@@ -27,6 +27,38 @@ def test_bernoulli_from_logits_stays_finite_where_probabilities_would_underflow(
   np.testing.assert_allclose(log_p, [-400.0], rtol=1e-6)
 
 
+def test_bernoulli_gradients_are_the_closed_forms_and_broadcast_over_samples():
+  rng = np.random.default_rng(4)
+  logits = tf.constant(rng.normal(size=(3, 2, 4, 5, 1)).astype(np.float32) * 3)  # [L, B, ...]
+  x = tf.constant((rng.random((2, 4, 5, 1)) < 0.4).astype(np.float32))  # [B, ...]
+  with tf.GradientTape(persistent=True) as tape:
+    tape.watch([logits, x])
+    log_p = distributions.make_likelihood("bernoulli", logits).log_prob(x)  # [L, B]
+    total = tf.reduce_sum(log_p * tf.constant([[1.0, 2.0]]))  # weight the examples unequally
+  weights = np.array([1.0, 2.0]).reshape(1, 2, 1, 1, 1)
+  # d/dlogits [x log rho + (1 - x) log(1 - rho)] = x - rho; d/dx = log rho - log(1 - rho).
+  expected_dlogits = weights * (x.numpy() - special.expit(logits.numpy().astype(np.float64)))
+  expected_dx = np.sum(weights * logits.numpy(), axis=0)  # summed over the L samples
+  np.testing.assert_allclose(tape.gradient(total, logits), expected_dlogits, atol=1e-6)
+  np.testing.assert_allclose(tape.gradient(total, x), expected_dx, rtol=1e-5, atol=1e-5)
+
+
+def test_bernoulli_of_grey_levels_is_the_cross_entropy():
+  rng = np.random.default_rng(5)
+  logits = rng.normal(size=(2, 3, 3, 1)).astype(np.float32) * 2
+  x = rng.random((2, 3, 3, 1)).astype(np.float32)
+  rho = special.expit(logits.astype(np.float64))
+  expected = np.sum(x * np.log(rho) + (1 - x) * np.log1p(-rho), axis=(1, 2, 3))
+  actual = distributions.make_likelihood("bernoulli", tf.constant(logits)).log_prob(x).numpy()
+  np.testing.assert_allclose(actual, expected, rtol=1e-5)
+
+
+def test_bernoulli_built_from_probabilities_keeps_tfp_log_prob():
+  probs = np.array([0.2, 0.9], np.float32)
+  dist = distributions.BernoulliLogits(probs=probs, dtype=tf.float32)
+  np.testing.assert_allclose(dist.log_prob([1.0, 0.0]).numpy(), np.log([0.2, 0.1]), rtol=1e-5)
+
+
 def test_gaussian_log_likelihood_matches_scipy():
   rng = np.random.default_rng(2)
   raw = rng.normal(size=(2, 3, 3, 2)).astype(np.float32)  # C = 1, two params per pixel

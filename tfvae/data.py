@@ -361,14 +361,17 @@ def train_pipeline(images: np.ndarray, batch_size: int, seed: int, dynamic_binar
   """
   stored = tf.constant(images)
   count = int(images.shape[0])
+  num_batches = steps_per_epoch(count, batch_size)
   base_seed = tf.constant([seed, 0x5EED], tf.int64)
 
   def epoch_batches(epoch):
     epoch_seed = tf.random.experimental.stateless_fold_in(base_seed, epoch)
     order = tf.argsort(tf.random.stateless_uniform([count], seed=epoch_seed))  # a permutation
-    batches = tf.data.Dataset.from_tensor_slices(order).batch(batch_size).enumerate()
 
-    def load_batch(index, batch_indices):
+    def load_batch(index):
+      # One dataset element per batch: slicing the permutation costs one op, where batching
+      # its elements one by one cost a tf.data call per example.
+      batch_indices = order[index * batch_size:(index + 1) * batch_size]  # [M], last may be short
       images = tf.gather(stored, batch_indices)  # [M, H, W, C]
       if not dynamic_binarization:
         return images
@@ -378,7 +381,7 @@ def train_pipeline(images: np.ndarray, batch_size: int, seed: int, dynamic_binar
       white = tf.constant(255 if images.dtype == tf.uint8 else 1, images.dtype)
       return tf.where(uniform < probabilities, white, tf.zeros_like(white))
 
-    return batches.map(load_batch)
+    return tf.data.Dataset.range(num_batches).map(load_batch)
 
   epochs = tf.data.Dataset.range(first_epoch, num_epochs if num_epochs is not None
                                  else np.iinfo(np.int64).max)

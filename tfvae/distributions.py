@@ -46,10 +46,50 @@ def make_prior(latent_size: int, dtype=tf.float32) -> tfd.Distribution:
                          reinterpreted_batch_ndims=1)
 
 
+def _sum_to_shape(gradient: tf.Tensor, shape: tf.Tensor) -> tf.Tensor:
+  """Sums a broadcast gradient back to the shape of the input it was broadcast from."""
+  axes, _ = tf.raw_ops.BroadcastGradientArgs(s0=shape, s1=tf.shape(gradient))
+  return tf.reshape(tf.reduce_sum(gradient, axes), shape)
+
+
+@tf.custom_gradient
+def bernoulli_log_prob(x: tf.Tensor, logits: tf.Tensor) -> tf.Tensor:
+  """Elementwise log Bernoulli(x; rho = sigmoid(logits)), with its gradient in closed form.
+
+  x log rho + (1 - x) log(1 - rho) = x * logits - softplus(logits): exact for every finite
+  logit (no log of a rounded probability), and for x in [0, 1] the cross-entropy. The
+  gradients are d/dlogits = x - sigmoid(logits) and d/dx = logits. Broadcasts like x * logits.
+
+  On the CPU this is one softplus forward and one sigmoid backward, where tfd.Bernoulli's
+  log_prob takes two softplus forward, two sigmoids backward and a dozen more element-wise
+  passes: 2.2 times faster for a [64, 784] batch of logits (docs/BENCHMARKS.md).
+  """
+  x = tf.cast(x, logits.dtype)
+
+  def gradient(upstream):
+    return (_sum_to_shape(upstream * logits, tf.shape(x)),
+            _sum_to_shape(upstream * (x - tf.sigmoid(logits)), tf.shape(logits)))
+
+  return x * logits - tf.nn.softplus(logits), gradient
+
+
+class BernoulliLogits(tfd.Bernoulli):
+  """tfd.Bernoulli whose log_prob is `bernoulli_log_prob` of its logits.
+
+  Everything else (sampling, mean, entropy, KL, serialization) is tfd.Bernoulli's. Build it with
+  logits; built from probs it behaves exactly like tfd.Bernoulli.
+  """
+
+  def _log_prob(self, event):
+    if self._logits is None:
+      return super()._log_prob(event)
+    return bernoulli_log_prob(event, tf.convert_to_tensor(self._logits))
+
+
 def _bernoulli(params: tf.Tensor, observation_scale: float | None) -> tfd.Distribution:
   del observation_scale  # Bernoulli has no scale.
   # log p(x|z) = sum_k x_k log rho_k + (1 - x_k) log(1 - rho_k), computed from logits.
-  return tfd.Independent(tfd.Bernoulli(logits=params, dtype=params.dtype),
+  return tfd.Independent(BernoulliLogits(logits=params, dtype=params.dtype),
                          reinterpreted_batch_ndims=3)
 
 
