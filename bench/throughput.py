@@ -9,11 +9,14 @@ holds them as uint8 0/255 as it holds all images, PyTorch as preloaded float32 0
   (a) the paper's MLP: 784-500-20 (decoder mirrored), tanh, batch 100, Adam
   (b) the PyTorch examples' VAE: 784-400-20-400-784, ReLU, batch 128, Adam, Bernoulli logits
       and the analytic KL
-For each: training examples per second (median over --epochs epochs after one warm-up epoch),
-and the achieved GFLOP/s = 6 x dense multiply-adds per example x examples/s. The ceiling is a
-float32 matmul loop in graph mode with (b)'s shapes ([128, 784] x [784, 400] and the two
-transposed products of its gradient), measured in the same run twice, with the threads per op
-tfvae trains with and in a fresh process with TensorFlow's defaults; the better one counts.
+The trainers take turns, one epoch each per round (a warm-up round, then --epochs timed rounds),
+so a noisy machine's slow and fast phases fall on all of them alike. For each: training
+examples per second (the median epoch; every epoch is the full batches of a fresh permutation,
+468 x 128 images for (b), as tfvae trains), and the achieved GFLOP/s = 6 x dense multiply-adds
+per example x examples/s. The ceiling is a float32 matmul loop in graph mode with (b)'s shapes
+([128, 784] x [784, 400] and the two transposed products of its gradient), measured in the same
+run twice, with the threads per op tfvae trains with and in a fresh process with TensorFlow's
+defaults; the better one counts.
 tfvae trains as bin/train does (tfvae.training: fused Adam, batch shards, threads per op,
 steps per execution). Prints a Markdown table.
 """
@@ -31,7 +34,7 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from timing import median_seconds  # noqa: E402  (bench/ is on sys.path when run as a script)
 
-flags.DEFINE_integer("epochs", 4, "Timed epochs per measurement (after one warm-up epoch).")
+flags.DEFINE_integer("epochs", 5, "Timed rounds, one epoch per trainer each (after a warm-up).")
 flags.DEFINE_integer("examples", 60000, "Training examples per epoch.")
 flags.DEFINE_bool("torch", True, "Also time the PyTorch loop (needs torch installed).")
 flags.DEFINE_bool("ceiling_only", False, "Print the matmul ceiling (GFLOP/s) and exit.")
@@ -70,8 +73,11 @@ def default_threads_ceiling():
   return float(output.strip().splitlines()[-1])
 
 
-def tfvae_throughput(x, hidden, activation, batch_size):
-  """tfvae as bin/train runs it: its optimizer, batch shards and steps per execution."""
+def tfvae_trainer(x, hidden, activation, batch_size):
+  """tfvae as bin/train runs it (its optimizer, batch shards, steps per execution).
+
+  Returns (run_epoch, examples per epoch); run_epoch() trains one epoch and returns its seconds.
+  """
   import keras
 
   import tfvae
@@ -95,12 +101,19 @@ def tfvae_throughput(x, hidden, activation, batch_size):
     def on_epoch_end(self, epoch, logs=None):
       times.append(time.perf_counter() - self.start)
 
-  vae.fit(pipeline, epochs=FLAGS.epochs + 1, steps_per_epoch=steps, verbose=0,
-          callbacks=[Timer()])
-  return len(x) / statistics.median(times[1:])
+  def run_epoch():
+    vae.fit(pipeline, epochs=1, steps_per_epoch=steps, verbose=0, callbacks=[Timer()])
+    return times[-1]
+
+  return run_epoch, steps * batch_size
 
 
-def torch_throughput(x, batch_size=128):
+def torch_trainer(x, batch_size=128):
+  """The PyTorch examples' VAE, trained the fastest way a PyTorch user would write it.
+
+  Tensors preloaded, a fresh permutation each epoch, full batches only (as tfvae trains).
+  Returns (run_epoch, examples per epoch, torch version, torch threads).
+  """
   import torch
   from torch import nn
   from torch.nn import functional
@@ -122,12 +135,13 @@ def torch_throughput(x, batch_size=128):
   model = VAE()
   optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
   data = torch.from_numpy(x.reshape(len(x), 784).astype(np.float32) / np.float32(255))
-  times = []
-  for _ in range(FLAGS.epochs + 1):
+  steps = len(data) // batch_size
+
+  def run_epoch():
     start = time.perf_counter()
     order = torch.randperm(len(data))
-    for i in range(0, len(data), batch_size):
-      batch = data[order[i:i + batch_size]]
+    for i in range(steps):
+      batch = data[order[i * batch_size:(i + 1) * batch_size]]
       logits, mu, logvar = model(batch)
       bce = functional.binary_cross_entropy_with_logits(logits, batch, reduction="sum")
       kl = -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp())
@@ -135,8 +149,26 @@ def torch_throughput(x, batch_size=128):
       optimizer.zero_grad()
       loss.backward()
       optimizer.step()
-    times.append(time.perf_counter() - start)
-  return len(x) / statistics.median(times[1:]), torch.__version__, torch.get_num_threads()
+    return time.perf_counter() - start
+
+  return run_epoch, steps * batch_size, torch.__version__, torch.get_num_threads()
+
+
+def interleaved_rates(trainers, rounds):
+  """Examples/s of each trainer: median over `rounds` rounds of one epoch each, in turn.
+
+  One warm-up epoch each first. Taking turns epoch by epoch exposes every trainer to the same
+  phases of a noisy machine; a short pause between turns lets the last one's threads go idle.
+  """
+  epoch_times = {label: [] for label in trainers}
+  for round_index in range(rounds + 1):
+    for label, (run_epoch, _) in trainers.items():
+      seconds = run_epoch()
+      if round_index:
+        epoch_times[label].append(seconds)
+      time.sleep(0.2)
+  return {label: examples / statistics.median(epoch_times[label])
+          for label, (_, examples) in trainers.items()}
 
 
 def main(argv):
@@ -157,23 +189,25 @@ def main(argv):
   own_threads = matmul_ceiling()
   default_threads = default_threads_ceiling()
   ceiling = max(own_threads, default_threads)
-  rows = []
-  for label, hidden, activation, batch in (("(a) paper MLP 784-500-20, tanh, M=100", 500, "tanh",
-                                            100),
-                                           ("(b) 784-400-20-400-784, ReLU, M=128", 400, "relu",
-                                            128)):
-    rate = tfvae_throughput(x, hidden, activation, batch)
-    gflops = 6 * dense_macs([784, hidden, 40]) * rate / 1e9
-    gflops += 6 * dense_macs([20, hidden, 784]) * rate / 1e9
-    rows.append((f"tfvae {label}", rate, gflops))
-  torch_rate = None
+  models = {"(a) paper MLP 784-500-20, tanh, M=100": (500, "tanh", 100),
+            "(b) 784-400-20-400-784, ReLU, M=128": (400, "relu", 128)}
+  trainers = {f"tfvae {label}": tfvae_trainer(x, *settings) for label, settings in models.items()}
+  widths = {f"tfvae {label}": settings[0] for label, settings in models.items()}  # hidden units
+  torch_label = None
   if FLAGS.torch:
     try:
-      torch_rate, version, threads = torch_throughput(x)
-      gflops = 6 * (dense_macs([784, 400, 40]) + dense_macs([20, 400, 784])) * torch_rate / 1e9
-      rows.append((f"PyTorch {version} ({threads} threads) (b)", torch_rate, gflops))
+      run_epoch, examples, version, threads = torch_trainer(x)
+      torch_label = f"PyTorch {version} ({threads} threads) (b)"
+      trainers[torch_label] = (run_epoch, examples)
+      widths[torch_label] = 400
     except ImportError:
       print("torch is not installed: pip install torch==2.13.0 for the comparison")
+  rates = interleaved_rates(trainers, FLAGS.epochs)
+  rows = []
+  for label, rate in rates.items():
+    hidden = widths[label]
+    gflops = 6 * (dense_macs([784, hidden, 40]) + dense_macs([20, hidden, 784])) * rate / 1e9
+    rows.append((label, rate, gflops))
   print(f"tensorflow {tf.__version__}, {os.cpu_count()} CPUs, step_shards"
         f" {training.default_step_shards()}, intra-op threads"
         f" {tf.config.threading.get_intra_op_parallelism_threads() or 'default'};"
@@ -183,8 +217,9 @@ def main(argv):
   print("| trainer | examples/s | GFLOP/s | % of ceiling |\n|---|---|---|---|")
   for label, rate, gflops in rows:
     print(f"| {label} | {rate:,.0f} | {gflops:.0f} | {100 * gflops / ceiling:.0f}% |")
-  if torch_rate:
-    print(f"\ntfvae (b) / PyTorch (b): {rows[1][1] / torch_rate:.2f}x")
+  if torch_label:
+    tfvae_b = rates[f"tfvae {list(models)[1]}"]
+    print(f"\ntfvae (b) / PyTorch (b): {tfvae_b / rates[torch_label]:.2f}x (ratio of medians)")
 
 
 if __name__ == "__main__":

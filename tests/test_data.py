@@ -172,21 +172,30 @@ def test_dynamic_binarization_changes_each_epoch_and_keeps_the_mean(mnist_slice)
   np.testing.assert_array_equal(floats.numpy(), first / 255)  # same draws, float 0/1
 
 
-def test_each_epoch_is_a_permutation_of_the_data():
+def test_each_epoch_is_full_batches_of_a_fresh_permutation():
   images = np.arange(10, dtype=np.float32).reshape(10, 1, 1, 1)
-  epochs = list(data.train_pipeline(images, 4, seed=1, dynamic_binarization=False,
-                                    num_epochs=2))
-  assert [len(b) for b in epochs] == [4, 4, 2, 4, 4, 2]
-  first = np.concatenate(epochs[:3]).ravel()
-  second = np.concatenate(epochs[3:]).ravel()
-  assert sorted(first) == sorted(second) == list(range(10))
-  assert list(first) != list(second)
+  pipeline = data.train_pipeline(images, 4, seed=1, dynamic_binarization=False, num_epochs=400)
+  assert pipeline.element_spec.shape == (4, 1, 1, 1)  # static: the step is traced for M = 4
+  epochs = np.array([b.numpy().ravel() for b in pipeline]).reshape(400, 8)  # 2 batches an epoch
+  for epoch in epochs:
+    assert len(set(epoch)) == 8  # drawn without replacement
+  assert len({tuple(epoch) for epoch in epochs[:10]}) == 10  # reshuffled every epoch
+  # The 2 images left out change from epoch to epoch: each is used in 8/10 of the epochs.
+  counts = np.bincount(epochs.ravel().astype(int), minlength=10)
+  np.testing.assert_allclose(counts / 400, 0.8, atol=0.08)
+
+
+def test_fewer_images_than_a_batch_make_one_batch_of_all():
+  images = np.arange(3, dtype=np.float32).reshape(3, 1, 1, 1)
+  assert data.steps_per_epoch(3, 100) == 1
+  (batch,) = data.train_pipeline(images, 100, seed=0, dynamic_binarization=False, num_epochs=1)
+  assert sorted(batch.numpy().ravel()) == [0, 1, 2]
 
 
 def test_pipelines_are_reproducible_and_resume_at_any_epoch(mnist_slice):
   x_train, _ = mnist_slice
   steps = data.steps_per_epoch(len(x_train), 300)
-  assert steps == 4
+  assert steps == 3
   a = [b.numpy() for b in data.train_pipeline(x_train, 300, seed=4, dynamic_binarization=True,
                                               num_epochs=3)]
   b = [b.numpy() for b in data.train_pipeline(x_train, 300, seed=4, dynamic_binarization=True,
@@ -194,7 +203,7 @@ def test_pipelines_are_reproducible_and_resume_at_any_epoch(mnist_slice):
   resumed = [b.numpy() for b in data.train_pipeline(x_train, 300, seed=4,
                                                     dynamic_binarization=True, first_epoch=2,
                                                     num_epochs=3)]
-  assert [x.shape[0] for x in a] == [300, 300, 300, 100] * 3
+  assert [x.shape[0] for x in a] == [300, 300, 300] * 3
   for x, y in zip(a, b, strict=True):
     np.testing.assert_array_equal(x, y)
   for x, y in zip(a[2 * steps:], resumed, strict=True):

@@ -334,8 +334,8 @@ def _dataset_options() -> tf.data.Options:
 
 
 def steps_per_epoch(num_examples: int, batch_size: int) -> int:
-  """Batches in one pass over num_examples (the last one may be smaller)."""
-  return -(-num_examples // batch_size)
+  """Training batches per epoch: the full batches of M in N examples (one batch if N < M)."""
+  return max(1, num_examples // batch_size)
 
 
 def train_pipeline(images: np.ndarray, batch_size: int, seed: int, dynamic_binarization: bool,
@@ -346,10 +346,17 @@ def train_pipeline(images: np.ndarray, batch_size: int, seed: int, dynamic_binar
   itself, inside its step, so the pipeline moves a quarter of the bytes); dynamic binarization
   gives 0 and 255 (uint8) or 0 and 1 (floats).
 
+  Each epoch is `steps_per_epoch(N, M)` = N // M full batches of a fresh permutation, so every
+  batch has the static shape [M, H, W, C] (all N images in one batch if N < M). The N mod M
+  images left over differ from epoch to epoch: each image is used with the same probability and
+  every minibatch is an unbiased estimate of the dataset's bound. A static batch size lets
+  TensorFlow plan the training step once: a step traced for an unknown batch size ran about
+  20% slower on a 2-core CPU (docs/BENCHMARKS.md).
+
   Epoch e's order (and, with dynamic binarization, its Bernoulli draws x ~ Bernoulli(pixel))
   depend only on (seed, e), so a run resumed at epoch e sees exactly the batches an
-  uninterrupted run would. Every epoch has `steps_per_epoch(N, M)` batches; the stream is
-  endless unless num_epochs is given, so pass steps_per_epoch to Keras fit.
+  uninterrupted run would. The stream is endless unless num_epochs is given, so pass
+  steps_per_epoch to Keras fit.
 
   Args:
     images: [N, H, W, C] uint8 or float32.
@@ -361,7 +368,8 @@ def train_pipeline(images: np.ndarray, batch_size: int, seed: int, dynamic_binar
   """
   stored = tf.constant(images)
   count = int(images.shape[0])
-  num_batches = steps_per_epoch(count, batch_size)
+  size = min(batch_size, count)  # the static batch size
+  batch_shape = [size, *images.shape[1:]]
   base_seed = tf.constant([seed, 0x5EED], tf.int64)
 
   def epoch_batches(epoch):
@@ -371,17 +379,17 @@ def train_pipeline(images: np.ndarray, batch_size: int, seed: int, dynamic_binar
     def load_batch(index):
       # One dataset element per batch: slicing the permutation costs one op, where batching
       # its elements one by one cost a tf.data call per example.
-      batch_indices = order[index * batch_size:(index + 1) * batch_size]  # [M], last may be short
-      images = tf.gather(stored, batch_indices)  # [M, H, W, C]
+      batch_indices = order[index * size:(index + 1) * size]  # [M]
+      images = tf.ensure_shape(tf.gather(stored, batch_indices), batch_shape)  # [M, H, W, C]
       if not dynamic_binarization:
         return images
       probabilities = to_unit_float(images)
       noise_seed = tf.random.experimental.stateless_fold_in(epoch_seed, index + 1)
-      uniform = tf.random.stateless_uniform(tf.shape(probabilities), seed=noise_seed)
+      uniform = tf.random.stateless_uniform(batch_shape, seed=noise_seed)
       white = tf.constant(255 if images.dtype == tf.uint8 else 1, images.dtype)
       return tf.where(uniform < probabilities, white, tf.zeros_like(white))
 
-    return tf.data.Dataset.range(num_batches).map(load_batch)
+    return tf.data.Dataset.range(steps_per_epoch(count, batch_size)).map(load_batch)
 
   epochs = tf.data.Dataset.range(first_epoch, num_epochs if num_epochs is not None
                                  else np.iinfo(np.int64).max)
