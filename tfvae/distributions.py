@@ -52,20 +52,24 @@ def _sum_to_shape(gradient: tf.Tensor, shape: tf.Tensor) -> tf.Tensor:
   return tf.reshape(tf.reduce_sum(gradient, axes), shape)
 
 
-@tf.custom_gradient
 def bernoulli_log_prob(x: tf.Tensor, logits: tf.Tensor) -> tf.Tensor:
   """Elementwise log Bernoulli(x; rho = sigmoid(logits)), with its gradient in closed form.
 
   x log rho + (1 - x) log(1 - rho) = x * logits - softplus(logits): exact for every finite
-  logit (no log of a rounded probability), and for x in [0, 1] the cross-entropy. The
-  gradients are d/dlogits = x - sigmoid(logits) and d/dx = logits. Broadcasts like x * logits.
+  logit (no log of a rounded probability; logits of +-inf, which no network with finite
+  weights produces, give NaN), and for x in [0, 1] the cross-entropy. The gradients are
+  d/dlogits = x - sigmoid(logits) and d/dx = logits. Broadcasts like x * logits; x is cast
+  to the logits' dtype.
 
   On the CPU this is one softplus forward and one sigmoid backward, where tfd.Bernoulli's
   log_prob takes two softplus forward, two sigmoids backward and a dozen more element-wise
   passes: 2.2 times faster for a [64, 784] batch of logits (docs/BENCHMARKS.md).
   """
-  x = tf.cast(x, logits.dtype)
+  return _bernoulli_log_prob(tf.cast(x, logits.dtype), logits)
 
+
+@tf.custom_gradient
+def _bernoulli_log_prob(x: tf.Tensor, logits: tf.Tensor) -> tf.Tensor:
   def gradient(upstream):
     return (_sum_to_shape(upstream * logits, tf.shape(x)),
             _sum_to_shape(upstream * (x - tf.sigmoid(logits)), tf.shape(logits)))
