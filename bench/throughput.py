@@ -157,18 +157,21 @@ def torch_trainer(x, batch_size=128):
 def interleaved_rates(trainers, rounds):
   """Examples/s of each trainer: median over `rounds` rounds of one epoch each, in turn.
 
+  `trainers` maps a label to (run_epoch, examples per epoch, ...): run_epoch() trains one
+  epoch and returns its seconds.
+
   One warm-up epoch each first. Taking turns epoch by epoch exposes every trainer to the same
   phases of a noisy machine; a short pause between turns lets the last one's threads go idle.
   """
   epoch_times = {label: [] for label in trainers}
   for round_index in range(rounds + 1):
-    for label, (run_epoch, _) in trainers.items():
+    for label, (run_epoch, *_) in trainers.items():
       seconds = run_epoch()
       if round_index:
         epoch_times[label].append(seconds)
       time.sleep(0.2)
   return {label: examples / statistics.median(epoch_times[label])
-          for label, (_, examples) in trainers.items()}
+          for label, (_, examples, *_) in trainers.items()}
 
 
 def main(argv):
@@ -191,21 +194,21 @@ def main(argv):
   ceiling = max(own_threads, default_threads)
   models = {"(a) paper MLP 784-500-20, tanh, M=100": (500, "tanh", 100),
             "(b) 784-400-20-400-784, ReLU, M=128": (400, "relu", 128)}
-  trainers = {f"tfvae {label}": tfvae_trainer(x, *settings) for label, settings in models.items()}
-  widths = {f"tfvae {label}": settings[0] for label, settings in models.items()}  # hidden units
+  # label -> (run_epoch, examples per epoch, hidden units)
+  trainers = {f"tfvae {label}": (*tfvae_trainer(x, *settings), settings[0])
+              for label, settings in models.items()}
   torch_label = None
   if FLAGS.torch:
     try:
       run_epoch, examples, version, threads = torch_trainer(x)
       torch_label = f"PyTorch {version} ({threads} threads) (b)"
-      trainers[torch_label] = (run_epoch, examples)
-      widths[torch_label] = 400
+      trainers[torch_label] = (run_epoch, examples, 400)
     except ImportError:
       print("torch is not installed: pip install torch==2.13.0 for the comparison")
   rates = interleaved_rates(trainers, FLAGS.epochs)
   rows = []
   for label, rate in rates.items():
-    hidden = widths[label]
+    hidden = trainers[label][2]
     gflops = 6 * (dense_macs([784, hidden, 40]) + dense_macs([20, hidden, 784])) * rate / 1e9
     rows.append((label, rate, gflops))
   print(f"tensorflow {tf.__version__}, {os.cpu_count()} CPUs, step_shards"
