@@ -369,6 +369,7 @@ def train_pipeline(images: np.ndarray, batch_size: int, seed: int, dynamic_binar
   stored = tf.constant(images)
   count = int(images.shape[0])
   size = min(batch_size, count)  # the static batch size
+  num_batches = steps_per_epoch(count, batch_size)
   batch_shape = [size, *images.shape[1:]]
   base_seed = tf.constant([seed, 0x5EED], tf.int64)
 
@@ -389,7 +390,7 @@ def train_pipeline(images: np.ndarray, batch_size: int, seed: int, dynamic_binar
       white = tf.constant(255 if images.dtype == tf.uint8 else 1, images.dtype)
       return tf.where(uniform < probabilities, white, tf.zeros_like(white))
 
-    return tf.data.Dataset.range(steps_per_epoch(count, batch_size)).map(load_batch)
+    return tf.data.Dataset.range(num_batches).map(load_batch)
 
   epochs = tf.data.Dataset.range(first_epoch, num_epochs if num_epochs is not None
                                  else np.iinfo(np.int64).max)
