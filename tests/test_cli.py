@@ -23,8 +23,11 @@ def _run(script, *args, data_dir=None, cwd=None, timeout=600):
 @pytest.fixture(scope="module")
 def trained_run(data_dir, tmp_path_factory):
   root = tmp_path_factory.mktemp("cli")
+  # An explicit --intra_op_threads fails the run if bin/train let TensorFlow start before
+  # train() could set its threads.
   result = _run("train", "--likelihood=bernoulli", "--max_examples=600", "--epochs=2",
                 "--hidden_sizes=64", "--latent_size=2", "--eval_num_samples=20",
+                "--intra_op_threads=1",
                 f"--workdir={root / 'work'}", f"--export_dir={root / 'models'}",
                 "--model_name=digits", data_dir=data_dir)
   assert result.returncode == 0, result.stderr[-4000:]

@@ -217,6 +217,10 @@ def test_test_sets_are_binarized_once_with_a_fixed_seed(mnist_slice):
   assert first.dtype == np.uint8 and set(np.unique(first)) == {0, 255}
   # The same draws as binarize, which gives float 0/1.
   np.testing.assert_array_equal(first / 255, data.binarize(x_test))
+  # x ~ Bernoulli(pixel / 255): the same draws from uint8 pixels and from the floats the
+  # model sees for them.
+  as_floats = data.to_unit_float(x_test).numpy()
+  np.testing.assert_array_equal(first / 255, data.eval_arrays(as_floats, True, False))
   grey = data.eval_arrays(x_test, bernoulli=False, binary=False)
   assert grey is x_test  # kept as uint8 0..255; the model scales it
   batches = list(data.eval_pipeline(first, 64))

@@ -315,8 +315,16 @@ def to_unit_float(images) -> tf.Tensor:
 
 
 def _bernoulli_draws(images: np.ndarray, seed: int) -> np.ndarray:
-  """x ~ Bernoulli(pixel) with a fixed seed: a bool array shaped like images."""
-  probabilities = to_unit_float(images).numpy()
+  """x ~ Bernoulli(pixel) with a fixed seed: a bool array shaped like images.
+
+  numpy only, so that it runs before TensorFlow is set up (threads are fixed by its first op);
+  pixel / 255 in float32 is bit for bit what `to_unit_float` computes.
+  """
+  images = np.asarray(images)
+  if images.dtype == np.uint8:
+    probabilities = images.astype(np.float32) / np.float32(255)
+  else:
+    probabilities = images.astype(np.float32, copy=False)
   return np.random.default_rng(seed).random(probabilities.shape, dtype=np.float32) < probabilities
 
 

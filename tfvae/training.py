@@ -317,18 +317,22 @@ def train(model_config: ModelConfig, train_config: TrainConfig, workdir: str | o
   else:
     logging.info("Resuming %s after epoch %d.", workdir, first_epoch)
   bernoulli = model_config.likelihood == "bernoulli"
+  dataset_name, num_train = dataset.name, len(dataset.x_train)
   train_data = data_lib.train_pipeline(dataset.x_train, train_config.batch_size,
                                        train_config.seed,
                                        dynamic_binarization=bernoulli and not dataset.binary,
                                        first_epoch=first_epoch)
   x_test = data_lib.eval_arrays(dataset.x_test, bernoulli, dataset.binary)
+  # The pipeline holds its own TensorFlow copy of the training images: when train() loaded the
+  # data itself, dropping this reference frees the numpy copy (47 MB for MNIST).
+  del dataset
   test_data = data_lib.eval_pipeline(x_test, train_config.batch_size)
   if strategy.num_replicas_in_sync > 1:
     # Keras's multi-worker input handling runs collectives, which take no uint8 tensors.
     train_data, test_data = (pipeline.map(data_lib.to_unit_float)
                              for pipeline in (train_data, test_data))
 
-  steps = data_lib.steps_per_epoch(len(dataset.x_train), train_config.batch_size)
+  steps = data_lib.steps_per_epoch(num_train, train_config.batch_size)
   steps_per_execution = choose_steps_per_execution(steps, train_config.steps_per_execution,
                                                    strategy.num_replicas_in_sync)
   with strategy.scope(), _dtype_policy(train_config.mixed_precision):
@@ -344,15 +348,15 @@ def train(model_config: ModelConfig, train_config: TrainConfig, workdir: str | o
                                   profile_batch=0),
       *(callbacks or []),
   ]
-  logging.info("Training on %d %s images %s for %d epochs.", len(dataset.x_train),
-               dataset.name, dataset.image_shape, train_config.epochs)
+  logging.info("Training on %d %s images %s for %d epochs.", num_train, dataset_name,
+               model_config.image_shape, train_config.epochs)
   history = vae.fit(train_data, validation_data=test_data, epochs=train_config.epochs,
                     steps_per_epoch=steps,
                     callbacks=all_callbacks, verbose=verbose, shuffle=False)
 
   test_metrics = evaluation.evaluate(vae, x_test, train_config.eval_num_samples,
                                      seed=train_config.seed, batch_size=train_config.batch_size)
-  test_metrics.update(dataset=dataset.name, split="test")
+  test_metrics.update(dataset=dataset_name, split="test")
   _write_json(workdir / "results.json", {
       "test": test_metrics, "model_config": model_config.to_dict(),
       "train_config": dataclasses.asdict(train_config)})
