@@ -7,6 +7,7 @@ import pathlib
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -50,6 +51,28 @@ def test_train_writes_checkpoints_metrics_pictures_and_the_export(trained_run):
   assert "test ELBO: " in result.stdout and f"{results['elbo']:.2f}" in result.stdout
   assert (root / "models" / "digits" / "1" / "saved_model.pb").is_file()
   assert "Epoch 2/2" in result.stdout  # Keras progress is shown
+
+
+def test_export_writes_the_next_version_with_the_same_warmup_requests(trained_run, data_dir):
+  import tensorflow as tf
+  root, _ = trained_run
+  result = _run("export", f"--checkpoint={root / 'work' / 'last.keras'}",
+                f"--export_dir={root / 'models'}", "--model_name=digits", data_dir=data_dir)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert (root / "models" / "digits" / "2" / "saved_model.pb").is_file()
+  # bin/export and bin/train send the same binarized test images as warm-up requests.
+  from tensorflow_serving.apis import prediction_log_pb2
+  images = []
+  for version in ("1", "2"):
+    path = root / "models" / "digits" / version / "assets.extra" / "tf_serving_warmup_requests"
+    logs = [prediction_log_pb2.PredictionLog.FromString(record.numpy())
+            for record in tf.data.TFRecordDataset(str(path))]
+    images.append([tf.make_ndarray(log.predict_log.request.inputs["x"]) for log in logs
+                   if log.predict_log.request.model_spec.signature_name == "serving_default"])
+  assert [x.shape for x in images[0]] == [(1, 28, 28, 1), (8, 28, 28, 1)]
+  assert set(np.unique(images[0][1])) == {0.0, 1.0}  # binarized, scaled to [0, 1]
+  for x, y in zip(*images, strict=True):
+    np.testing.assert_array_equal(x, y)
 
 
 def test_evaluate_a_saved_model_and_a_keras_file_agree(trained_run, data_dir):

@@ -182,9 +182,12 @@ def warmup_requests(vae, images: np.ndarray, model_name: str) -> list:
 
 
 def warmup_images(dataset, likelihood: str, count: int = 8) -> np.ndarray:
-  """The first `count` test images of a tfvae.data.Dataset as float32 signature inputs."""
-  return data.to_unit_float(data.eval_arrays(dataset.x_test[:count], likelihood == "bernoulli",
-                                             dataset.binary)).numpy()
+  """The first `count` test images of a tfvae.data.Dataset, for `export`'s warm-up requests.
+
+  As tfvae.data.eval_arrays gives them (binarized once for Bernoulli; uint8 stays uint8), and
+  computed in numpy, so a caller can take them before TensorFlow is set up.
+  """
+  return data.eval_arrays(dataset.x_test[:count], likelihood == "bernoulli", dataset.binary)
 
 
 def _write_warmup(directory: pathlib.Path, logs) -> None:
