@@ -27,6 +27,18 @@ def test_bernoulli_from_logits_stays_finite_where_probabilities_would_underflow(
   np.testing.assert_allclose(log_p, [-400.0], rtol=1e-6)
 
 
+def test_bernoulli_log_prob_is_within_float32_rounding_of_float64_everywhere():
+  # log p(1) = -softplus(-l), log p(0) = -softplus(l); exact values from numpy in float64.
+  logits = np.concatenate([np.linspace(-120, 120, 48001), [-3e38, -1e30, 1e30, 3e38]])
+  logits = logits.astype(np.float32)
+  exact = logits.astype(np.float64)
+  for x, expected in ((1.0, -np.logaddexp(0, -exact)), (0.0, -np.logaddexp(0, exact))):
+    actual = distributions.bernoulli_log_prob(tf.fill(logits.shape, x), tf.constant(logits))
+    assert np.all(np.isfinite(actual))
+    # Within half an ulp of a logit near 16, where x * l and softplus(l) cancel.
+    np.testing.assert_allclose(actual.numpy(), expected, rtol=1e-7, atol=1e-6)
+
+
 def test_bernoulli_gradients_are_the_closed_forms_and_broadcast_over_samples():
   rng = np.random.default_rng(4)
   logits = tf.constant(rng.normal(size=(3, 2, 4, 5, 1)).astype(np.float32) * 3)  # [L, B, ...]
