@@ -55,13 +55,13 @@ def test_train_writes_checkpoints_metrics_pictures_and_the_export(trained_run):
 
 def test_export_writes_the_next_version_with_the_same_warmup_requests(trained_run, data_dir):
   import tensorflow as tf
+  from tensorflow_serving.apis import prediction_log_pb2
   root, _ = trained_run
   result = _run("export", f"--checkpoint={root / 'work' / 'last.keras'}",
                 f"--export_dir={root / 'models'}", "--model_name=digits", data_dir=data_dir)
   assert result.returncode == 0, result.stderr[-3000:]
   assert (root / "models" / "digits" / "2" / "saved_model.pb").is_file()
   # bin/export and bin/train send the same binarized test images as warm-up requests.
-  from tensorflow_serving.apis import prediction_log_pb2
   images = []
   for version in ("1", "2"):
     path = root / "models" / "digits" / version / "assets.extra" / "tf_serving_warmup_requests"
