@@ -18,7 +18,11 @@ per example x examples/s. The ceiling is a float32 matmul loop in graph mode wit
 run twice, with the threads per op tfvae trains with and in a fresh process with TensorFlow's
 defaults; the better one counts.
 tfvae trains as bin/train does (tfvae.training: fused Adam, batch shards, threads per op,
-steps per execution). Prints a Markdown table.
+steps per execution). The comparison is (b) in PyTorch, three ways: torch.optim.Adam as it runs
+on the CPU when no flag is given (a for-loop over parameters), with fused=True (one kernel, as
+tfvae's Adam is), and fused under torch.compile. Prints a Markdown table with each trainer's
+last training loss (a check that all of them train the same objective) and tfvae (b)'s ratio to
+each PyTorch loop and to the fastest.
 """
 
 import os
@@ -36,7 +40,9 @@ from timing import median_seconds  # noqa: E402  (bench/ is on sys.path when run
 
 flags.DEFINE_integer("epochs", 5, "Timed rounds, one epoch per trainer each (after a warm-up).")
 flags.DEFINE_integer("examples", 60000, "Training examples per epoch.")
-flags.DEFINE_bool("torch", True, "Also time the PyTorch loop (needs torch installed).")
+flags.DEFINE_bool("torch", True, "Also time the PyTorch loops (needs torch installed).")
+flags.DEFINE_bool("torch_compile", True,
+                  "Also time the PyTorch loop under torch.compile (needs a C++ compiler).")
 flags.DEFINE_bool("ceiling_only", False, "Print the matmul ceiling (GFLOP/s) and exit.")
 FLAGS = flags.FLAGS
 
@@ -76,7 +82,8 @@ def default_threads_ceiling():
 def tfvae_trainer(x, hidden, activation, batch_size):
   """tfvae as bin/train runs it (its optimizer, batch shards, steps per execution).
 
-  Returns (run_epoch, examples per epoch); run_epoch() trains one epoch and returns its seconds.
+  Returns (run_epoch, examples per epoch); run_epoch() trains one epoch and returns
+  (seconds, mean training loss).
   """
   import keras
 
@@ -92,27 +99,36 @@ def tfvae_trainer(x, hidden, activation, batch_size):
               steps_per_execution=training.choose_steps_per_execution(
                   steps, train_config.steps_per_execution))
   pipeline = data.train_pipeline(x, batch_size, seed=0, dynamic_binarization=False)
-  times = []
+  epochs = []  # (seconds, mean training loss)
 
   class Timer(keras.callbacks.Callback):
     def on_epoch_begin(self, epoch, logs=None):
       self.start = time.perf_counter()
 
     def on_epoch_end(self, epoch, logs=None):
-      times.append(time.perf_counter() - self.start)
+      epochs.append((time.perf_counter() - self.start, logs["loss"]))
 
   def run_epoch():
     vae.fit(pipeline, epochs=1, steps_per_epoch=steps, verbose=0, callbacks=[Timer()])
-    return times[-1]
+    return epochs[-1]
 
   return run_epoch, steps * batch_size
 
 
-def torch_trainer(x, batch_size=128):
+# PyTorch's Adam implementations: "for-loop" is what torch.optim.Adam runs on the CPU when neither
+# flag is given (per parameter, a dozen element-wise ops); "fused" is one kernel per step for all
+# parameters, as tfvae's Adam is one kernel per variable.
+TORCH_ADAM = {"for-loop": {"foreach": False, "fused": False}, "fused": {"fused": True}}
+
+
+def torch_trainer(x, adam="fused", compiled=False, batch_size=128):
   """The PyTorch examples' VAE, trained the fastest way a PyTorch user would write it.
 
   Tensors preloaded, a fresh permutation each epoch, full batches only (as tfvae trains).
-  Returns (run_epoch, examples per epoch, torch version, torch threads).
+  `adam` names a TORCH_ADAM implementation; `compiled` puts the forward pass and the loss
+  under torch.compile (inductor, which needs a C++ compiler; AOTAutograd compiles the backward).
+  Returns (run_epoch, examples per epoch, torch version, torch threads); run_epoch() trains one
+  epoch (or its first `steps` steps) and returns (seconds, mean training loss).
   """
   import torch
   from torch import nn
@@ -133,44 +149,56 @@ def torch_trainer(x, batch_size=128):
       return self.fc4(functional.relu(self.fc3(z))), mu, logvar
 
   model = VAE()
-  optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+  optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, **TORCH_ADAM[adam])
   data = torch.from_numpy(x.reshape(len(x), 784).astype(np.float32) / np.float32(255))
-  steps = len(data) // batch_size
+  steps_per_epoch = len(data) // batch_size
 
-  def run_epoch():
+  def batch_loss(batch):
+    logits, mu, logvar = model(batch)
+    bce = functional.binary_cross_entropy_with_logits(logits, batch, reduction="sum")
+    kl = -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp())
+    return (bce + kl) / len(batch)
+
+  if compiled:
+    batch_loss = torch.compile(batch_loss)
+
+  def run_epoch(steps=steps_per_epoch):
     start = time.perf_counter()
     order = torch.randperm(len(data))
+    total = torch.zeros([])
     for i in range(steps):
-      batch = data[order[i * batch_size:(i + 1) * batch_size]]
-      logits, mu, logvar = model(batch)
-      bce = functional.binary_cross_entropy_with_logits(logits, batch, reduction="sum")
-      kl = -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp())
-      loss = (bce + kl) / len(batch)
+      loss = batch_loss(data[order[i * batch_size:(i + 1) * batch_size]])
       optimizer.zero_grad()
       loss.backward()
       optimizer.step()
-    return time.perf_counter() - start
+      total += loss.detach()
+    return time.perf_counter() - start, total.item() / steps
 
-  return run_epoch, steps * batch_size, torch.__version__, torch.get_num_threads()
+  return run_epoch, steps_per_epoch * batch_size, torch.__version__, torch.get_num_threads()
 
 
 def interleaved_rates(trainers, rounds):
-  """Examples/s of each trainer: median over `rounds` rounds of one epoch each, in turn.
+  """Examples/s of each trainer, the median over `rounds` rounds of one epoch each, in turn.
 
   `trainers` maps a label to (run_epoch, examples per epoch, ...): run_epoch() trains one
-  epoch and returns its seconds.
+  epoch and returns (seconds, mean training loss).
 
-  One warm-up epoch each first. Taking turns epoch by epoch exposes every trainer to the same
-  phases of a noisy machine; a short pause between turns lets the last one's threads go idle.
+  One warm-up epoch each first (it also compiles whatever compiles). Taking turns epoch by
+  epoch exposes every trainer to the same phases of a noisy machine; a short pause between turns
+  lets the last one's threads go idle.
+
+  Returns:
+    {label: (examples/s, the last epoch's mean training loss)}.
   """
-  epoch_times = {label: [] for label in trainers}
+  epochs = {label: [] for label in trainers}
   for round_index in range(rounds + 1):
     for label, (run_epoch, *_) in trainers.items():
-      seconds = run_epoch()
+      seconds, loss = run_epoch()
       if round_index:
-        epoch_times[label].append(seconds)
+        epochs[label].append((seconds, loss))
       time.sleep(0.2)
-  return {label: examples / statistics.median(epoch_times[label])
+  return {label: (examples / statistics.median(seconds for seconds, _ in epochs[label]),
+                  epochs[label][-1][1])
           for label, (_, examples, *_) in trainers.items()}
 
 
@@ -197,33 +225,53 @@ def main(argv):
   # label -> (run_epoch, examples per epoch, hidden units)
   trainers = {f"tfvae {label}": (*tfvae_trainer(x, *settings), settings[0])
               for label, settings in models.items()}
-  torch_label = None
   if FLAGS.torch:
-    try:
-      run_epoch, examples, version, threads = torch_trainer(x)
-      torch_label = f"PyTorch {version} ({threads} threads) (b)"
-      trainers[torch_label] = (run_epoch, examples, 400)
-    except ImportError:
-      print("torch is not installed: pip install torch==2.13.0 for the comparison")
-  rates = interleaved_rates(trainers, FLAGS.epochs)
-  rows = []
-  for label, rate in rates.items():
-    hidden = trainers[label][2]
-    gflops = 6 * (dense_macs([784, hidden, 40]) + dense_macs([20, hidden, 784])) * rate / 1e9
-    rows.append((label, rate, gflops))
+    trainers.update(torch_trainers(x))
+  results = interleaved_rates(trainers, FLAGS.epochs)
   print(f"tensorflow {tf.__version__}, {os.cpu_count()} CPUs, step_shards"
         f" {training.default_step_shards()}, intra-op threads"
         f" {tf.config.threading.get_intra_op_parallelism_threads() or 'default'};"
         f" matmul ceiling for (b)'s shapes: {ceiling:.0f} GFLOP/s (graph mode; the better of"
         f" {own_threads:.0f} with these threads and {default_threads:.0f} with TensorFlow's"
         f" default threads)\n")
-  print("| trainer | examples/s | GFLOP/s | % of ceiling |\n|---|---|---|---|")
-  for label, rate, gflops in rows:
-    print(f"| {label} | {rate:,.0f} | {gflops:.0f} | {100 * gflops / ceiling:.0f}% |")
-  if torch_label:
-    tfvae_b = rates[f"tfvae {list(models)[1]}"]
-    print(f"\ntfvae (b) / PyTorch (b): {tfvae_b / rates[torch_label]:.2f}x (ratio of medians)")
+  print("| trainer | examples/s | GFLOP/s | % of ceiling | training loss, last epoch |\n"
+        "|---|---|---|---|---|")
+  for label, (rate, loss) in results.items():
+    hidden = trainers[label][2]
+    gflops = 6 * (dense_macs([784, hidden, 40]) + dense_macs([20, hidden, 784])) * rate / 1e9
+    print(f"| {label} | {rate:,.0f} | {gflops:.0f} | {100 * gflops / ceiling:.0f}% |"
+          f" {loss:.2f} |")
+  tfvae_b = results[f"tfvae {list(models)[1]}"][0]
+  torch_rates = {label: rate for label, (rate, _) in results.items()
+                 if label.startswith("PyTorch")}
+  for label, rate in torch_rates.items():
+    print(f"\ntfvae (b) / {label}: {tfvae_b / rate:.2f}x (ratio of medians)")
+  if torch_rates:
+    print(f"\ntfvae (b) / the fastest PyTorch loop: {tfvae_b / max(torch_rates.values()):.2f}x")
 
+
+def torch_trainers(x):
+  """{label: (run_epoch, examples per epoch, 400)} for the PyTorch loops that run here."""
+  variants = [("for-loop", False), ("fused", False)]
+  if FLAGS.torch_compile:
+    variants.append(("fused", True))
+  trainers = {}
+  for adam, compiled in variants:
+    try:
+      run_epoch, examples, version, threads = torch_trainer(x, adam, compiled)
+    except ImportError:
+      print("torch is not installed: pip install torch==2.13.0 for the comparison")
+      return {}
+    label = (f"PyTorch {version} ({threads} threads) (b), {adam} Adam"
+             + (", torch.compile" if compiled else ""))
+    if compiled:
+      try:
+        run_epoch(steps=1)  # compiles (about 20 s here): a failure shows before the rounds
+      except Exception as e:  # noqa: BLE001  (inductor raises many kinds; the row is optional)
+        print(f"torch.compile failed, {label} left out: {type(e).__name__}: {e}")
+        continue
+    trainers[label] = (run_epoch, examples, 400)
+  return trainers
 
 if __name__ == "__main__":
   app.run(main)
