@@ -43,6 +43,9 @@ flags.DEFINE_integer("examples", 60000, "Training examples per epoch.")
 flags.DEFINE_bool("torch", True, "Also time the PyTorch loops (needs torch installed).")
 flags.DEFINE_bool("torch_compile", True,
                   "Also time the PyTorch loop under torch.compile (needs a C++ compiler).")
+flags.DEFINE_bool("mixed_precision", False,
+                  "Also time tfvae (b) under --mixed_precision (bfloat16 on a CPU, float16 on a"
+                  " GPU; with a GPU, pass --notorch: the PyTorch loops run on the CPU).")
 flags.DEFINE_bool("ceiling_only", False, "Print the matmul ceiling (GFLOP/s) and exit.")
 FLAGS = flags.FLAGS
 
@@ -79,8 +82,8 @@ def default_threads_ceiling():
   return float(output.strip().splitlines()[-1])
 
 
-def tfvae_trainer(x, hidden, activation, batch_size):
-  """tfvae as bin/train runs it (its optimizer, batch shards, steps per execution).
+def tfvae_trainer(x, hidden, activation, batch_size, mixed_precision=False):
+  """tfvae as bin/train runs it (its optimizer, batch shards, steps per execution, precision).
 
   Returns (run_epoch, examples per epoch); run_epoch() trains one epoch and returns
   (seconds, mean training loss).
@@ -91,13 +94,14 @@ def tfvae_trainer(x, hidden, activation, batch_size):
   from tfvae import data, training
   keras.utils.set_random_seed(0)
   train_config = tfvae.TrainConfig(batch_size=batch_size)
-  vae = tfvae.VAE(tfvae.ModelConfig(latent_size=20, hidden_sizes=(hidden,),
-                                    activation=activation),
-                  step_shards=training.default_step_shards())
   steps = data.steps_per_epoch(len(x), batch_size)
-  vae.compile(optimizer=training.make_optimizer(train_config),
-              steps_per_execution=training.choose_steps_per_execution(
-                  steps, train_config.steps_per_execution))
+  with training.dtype_policy(mixed_precision):
+    vae = tfvae.VAE(tfvae.ModelConfig(latent_size=20, hidden_sizes=(hidden,),
+                                      activation=activation),
+                    step_shards=training.default_step_shards())
+    vae.compile(optimizer=training.make_optimizer(train_config),
+                steps_per_execution=training.choose_steps_per_execution(
+                    steps, train_config.steps_per_execution))
   pipeline = data.train_pipeline(x, batch_size, seed=0, dynamic_binarization=False)
   epochs = []  # (seconds, mean training loss)
 
@@ -225,6 +229,11 @@ def main(argv):
   # label -> (run_epoch, examples per epoch, hidden units)
   trainers = {f"tfvae {label}": (*tfvae_trainer(x, *settings), settings[0])
               for label, settings in models.items()}
+  if FLAGS.mixed_precision:
+    settings = models[list(models)[1]]
+    policy = "mixed_float16" if tf.config.list_logical_devices("GPU") else "mixed_bfloat16"
+    trainers[f"tfvae (b), {policy}"] = (
+        *tfvae_trainer(x, *settings, mixed_precision=True), settings[0])
   if FLAGS.torch:
     trainers.update(torch_trainers(x))
   results = interleaved_rates(trainers, FLAGS.epochs)

@@ -138,7 +138,7 @@ def make_strategy(name: str) -> tf.distribute.Strategy:
 
 
 @contextlib.contextmanager
-def _dtype_policy(mixed_precision: bool):
+def dtype_policy(mixed_precision: bool):
   """Builds layers under mixed_float16 (GPU) or mixed_bfloat16 (CPU/TPU) when asked.
 
   Layers keep the policy they were built with, so the global policy is restored afterwards.
@@ -335,7 +335,7 @@ def train(model_config: ModelConfig, train_config: TrainConfig, workdir: str | o
   steps = data_lib.steps_per_epoch(num_train, train_config.batch_size)
   steps_per_execution = choose_steps_per_execution(steps, train_config.steps_per_execution,
                                                    strategy.num_replicas_in_sync)
-  with strategy.scope(), _dtype_policy(train_config.mixed_precision):
+  with strategy.scope(), dtype_policy(train_config.mixed_precision):
     vae = VAE(model_config, seed=train_config.seed, step_shards=step_shards)
     vae.compile(optimizer=make_optimizer(train_config), steps_per_execution=steps_per_execution)
 
