@@ -52,6 +52,38 @@ def test_mixed_precision_computes_in_16_bits_and_keeps_the_objective_float32(tmp
   assert keras.mixed_precision.global_policy().name == "float32"  # restored
 
 
+@pytest.mark.parametrize("flags_line, lacks", [
+    ("flags\t\t: fpu sse2 avx2 avx512f avx512_vnni", True),  # Ice Lake: no bfloat16
+    ("flags\t\t: fpu avx2 avx512f avx512_bf16 amx_bf16 amx_tile", False),  # Sapphire Rapids
+    ("Features\t: fp asimd sve bf16 i8mm", False),  # Arm Neoverse V1
+    ("processor\t: 0", False),  # no flags listed: nothing known, no warning
+])
+def test_cpu_lacks_bfloat16_reads_the_cpu_flags(tmp_path, monkeypatch, flags_line, lacks):
+  cpuinfo = tmp_path / "cpuinfo"
+  cpuinfo.write_text(f"processor\t: 0\n{flags_line}\n\nprocessor\t: 1\n{flags_line}\n")
+  monkeypatch.setattr(training, "_CPUINFO", cpuinfo)
+  assert training.cpu_lacks_bfloat16() is lacks
+
+
+def test_mixed_precision_warns_on_a_cpu_without_bfloat16(tmp_path, monkeypatch, caplog):
+  cpuinfo = tmp_path / "cpuinfo"
+  cpuinfo.write_text("flags\t\t: fpu sse2 avx2 avx512f\n")
+  monkeypatch.setattr(training, "_CPUINFO", cpuinfo)
+  with training.dtype_policy(False):
+    pass
+  assert "bfloat16" not in caplog.text  # float32: nothing to warn about
+  with training.dtype_policy(True):
+    policy = keras.mixed_precision.global_policy().name
+  if tf.config.list_logical_devices("GPU"):
+    assert policy == "mixed_float16" and "bfloat16" not in caplog.text
+  else:
+    assert policy == "mixed_bfloat16"
+    assert "no bfloat16 instructions" in caplog.text and "--mixed_precision off" in caplog.text
+  missing = tmp_path / "missing"
+  monkeypatch.setattr(training, "_CPUINFO", missing)
+  assert not training.cpu_lacks_bfloat16()  # unknown CPU: no warning
+
+
 def test_threads_and_shards_defaults_for_this_machine(monkeypatch):
   monkeypatch.setattr(training, "_num_cores", lambda: 1)
   assert training.default_step_shards() == 1  # one core: nothing to run concurrently

@@ -137,6 +137,30 @@ def make_strategy(name: str) -> tf.distribute.Strategy:
   raise ConfigError(f"strategy={name!r} is not one of default, mirrored, multi_worker, tpu")
 
 
+_CPUINFO = pathlib.Path("/proc/cpuinfo")
+# CPU flags (x86 /proc/cpuinfo "flags", Arm "Features") of instructions that compute in bfloat16.
+_BFLOAT16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def cpu_lacks_bfloat16() -> bool:
+  """True where /proc/cpuinfo lists the CPU's flags and none is a bfloat16 instruction set.
+
+  Without them TensorFlow emulates bfloat16 arithmetic: on the Ice Lake CPU of
+  docs/BENCHMARKS.md, the 784-400-20 VAE trained 2.5 times slower under mixed_bfloat16 than in
+  float32. False where nothing is known (no /proc/cpuinfo, no flags line).
+  """
+  try:
+    text = _CPUINFO.read_text()
+  except OSError:
+    return False
+  cpu_flags = set()
+  for line in text.splitlines():
+    name, _, value = line.partition(":")
+    if name.strip() in ("flags", "Features"):
+      cpu_flags.update(value.split())
+  return bool(cpu_flags) and not cpu_flags & _BFLOAT16_CPU_FLAGS
+
+
 @contextlib.contextmanager
 def dtype_policy(mixed_precision: bool):
   """Builds layers under mixed_float16 (GPU) or mixed_bfloat16 (CPU/TPU) when asked.
@@ -149,6 +173,12 @@ def dtype_policy(mixed_precision: bool):
   if mixed_precision:
     gpu = bool(tf.config.list_logical_devices("GPU"))
     keras.mixed_precision.set_global_policy("mixed_float16" if gpu else "mixed_bfloat16")
+    if not gpu and not tf.config.list_logical_devices("TPU") and cpu_lacks_bfloat16():
+      logging.warning("mixed precision computes in bfloat16 on this CPU, which has no bfloat16"
+                      " instructions (%s in /proc/cpuinfo), so TensorFlow emulates them and"
+                      " training is slower than in float32 (2.5 times, docs/BENCHMARKS.md)."
+                      " Leave --mixed_precision off on this machine.",
+                      " or ".join(sorted(_BFLOAT16_CPU_FLAGS)))
   try:
     yield
   finally:
