@@ -282,5 +282,6 @@ def torch_trainers(x):
     trainers[label] = (run_epoch, examples, 400)
   return trainers
 
+
 if __name__ == "__main__":
   app.run(main)

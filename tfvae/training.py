@@ -177,7 +177,7 @@ def dtype_policy(mixed_precision: bool):
       logging.warning("mixed precision computes in bfloat16 on this CPU, which has no bfloat16"
                       " instructions (%s in /proc/cpuinfo), so TensorFlow emulates them and"
                       " training is slower than in float32 (2.5 times, docs/BENCHMARKS.md)."
-                      " Leave --mixed_precision off on this machine.",
+                      " Leave mixed precision (--mixed_precision) off on this machine.",
                       " or ".join(sorted(_BFLOAT16_CPU_FLAGS)))
   try:
     yield
