@@ -7,7 +7,7 @@ import tensorflow as tf
 
 import tfvae
 from tfvae import data
-from tfvae.model import Decoder, Encoder
+from tfvae.model import METRIC_NAMES, Decoder, Encoder, TermMeans
 
 
 def test_encoder_and_decoder_return_distributions(small_config, binary_batch):
@@ -83,6 +83,27 @@ def test_sample_weights_weight_the_per_example_mean(binary_batch):
   unweighted = vae.evaluate(binary_batch, batch_size=8, verbose=0, return_dict=True)
   np.testing.assert_allclose(weighted["kl"], only_first["kl"], rtol=1e-5)
   assert abs(unweighted["kl"] - only_first["kl"]) > 1e-4
+
+
+def test_term_means_are_the_weighted_means_of_all_batches_since_the_reset():
+  rng = np.random.default_rng(5)
+  batches = [{name: rng.normal(size=size).astype(np.float32) for name in METRIC_NAMES}
+             for size in (3, 5, 4)]
+  weights = [None, rng.random(5).astype(np.float32), np.zeros(4, np.float32)]
+  metric = TermMeans()
+  for terms, batch_weights in zip(batches, weights, strict=True):
+    metric.update_state(terms, batch_weights)
+  all_weights = np.concatenate([np.ones(3), weights[1], weights[2]])
+  results = metric.result()
+  assert set(results) == set(METRIC_NAMES)
+  for name in METRIC_NAMES:
+    values = np.concatenate([terms[name] for terms in batches]).astype(np.float64)
+    expected = np.sum(all_weights * values) / np.sum(all_weights)
+    np.testing.assert_allclose(float(results[name]), expected, rtol=1e-5)
+  metric.reset_state()
+  assert all(float(value) == 0.0 for value in metric.result().values())  # 0 / 0 reads as 0
+  metric.update_state(batches[0])  # counts again from the reset
+  np.testing.assert_allclose(float(metric.result()["kl"]), np.mean(batches[0]["kl"]), rtol=1e-6)
 
 
 def test_sampling_is_deterministic_per_seed(small_config):
