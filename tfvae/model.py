@@ -46,8 +46,9 @@ class TermMeans(keras.metrics.Metric):
 
   def update_state(self, terms: dict[str, tf.Tensor], sample_weight=None):
     """Adds a batch: terms maps every name to a [B] tensor; sample_weight is [B] or None."""
-    values = tf.stack([tf.cast(terms[name], self.dtype) for name in self.names], axis=-1)
-    if sample_weight is None:  # values: [B, T]
+    values = tf.stack([tf.cast(terms[name], self.dtype) for name in self.names],
+                      axis=-1)  # [B, T]
+    if sample_weight is None:
       self.total.assign_add(tf.reduce_sum(values, axis=0))
       self.count.assign_add(tf.cast(tf.shape(values)[0], self.dtype))
     else:
