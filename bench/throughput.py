@@ -224,13 +224,14 @@ def main(argv):
   own_threads = matmul_ceiling()
   default_threads = default_threads_ceiling()
   ceiling = max(own_threads, default_threads)
+  model_b = "(b) 784-400-20-400-784, ReLU, M=128"
   models = {"(a) paper MLP 784-500-20, tanh, M=100": (500, "tanh", 100),
-            "(b) 784-400-20-400-784, ReLU, M=128": (400, "relu", 128)}
+            model_b: (400, "relu", 128)}
   # label -> (run_epoch, examples per epoch, hidden units)
   trainers = {f"tfvae {label}": (*tfvae_trainer(x, *settings), settings[0])
               for label, settings in models.items()}
   if FLAGS.mixed_precision:
-    settings = models[list(models)[1]]
+    settings = models[model_b]
     policy = "mixed_float16" if tf.config.list_logical_devices("GPU") else "mixed_bfloat16"
     trainers[f"tfvae (b), {policy}"] = (
         *tfvae_trainer(x, *settings, mixed_precision=True), settings[0])
@@ -250,7 +251,7 @@ def main(argv):
     gflops = 6 * (dense_macs([784, hidden, 40]) + dense_macs([20, hidden, 784])) * rate / 1e9
     print(f"| {label} | {rate:,.0f} | {gflops:.0f} | {100 * gflops / ceiling:.0f}% |"
           f" {loss:.2f} |")
-  tfvae_b = results[f"tfvae {list(models)[1]}"][0]
+  tfvae_b = results[f"tfvae {model_b}"][0]
   torch_rates = {label: rate for label, (rate, _) in results.items()
                  if label.startswith("PyTorch")}
   for label, rate in torch_rates.items():
