@@ -18,7 +18,7 @@ per example x examples/s. The ceiling is a float32 matmul loop in graph mode wit
 run twice, with the threads per op tfvae trains with and in a fresh process with TensorFlow's
 defaults; the better one counts.
 tfvae trains as bin/train does (tfvae.training: fused Adam, batch shards, threads per op,
-steps per execution). The comparison is (b) in PyTorch, three ways: torch.optim.Adam as it runs
+blocks of steps per call). The comparison is (b) in PyTorch, three ways: torch.optim.Adam as it runs
 on the CPU when no flag is given (a for-loop over parameters), with fused=True (one kernel, as
 tfvae's Adam is), and fused under torch.compile. Prints a Markdown table with each trainer's
 last training loss (a check that all of them train the same objective) and tfvae (b)'s ratio to
@@ -95,14 +95,14 @@ def tfvae_trainer(x, hidden, activation, batch_size, mixed_precision=False):
   keras.utils.set_random_seed(0)
   train_config = tfvae.TrainConfig(batch_size=batch_size)
   steps = data.steps_per_epoch(len(x), batch_size)
+  steps_per_block = training.choose_steps_per_execution(steps, train_config.steps_per_execution)
   with training.dtype_policy(mixed_precision):
     vae = tfvae.VAE(tfvae.ModelConfig(latent_size=20, hidden_sizes=(hidden,),
                                       activation=activation),
                     step_shards=training.default_step_shards())
-    vae.compile(optimizer=training.make_optimizer(train_config),
-                steps_per_execution=training.choose_steps_per_execution(
-                    steps, train_config.steps_per_execution))
-  pipeline = data.train_pipeline(x, batch_size, seed=0, dynamic_binarization=False)
+    vae.compile(optimizer=training.make_optimizer(train_config))
+  pipeline = data.train_pipeline(x, batch_size, seed=0, dynamic_binarization=False,
+                                 steps_per_block=steps_per_block)
   epochs = []  # (seconds, mean training loss)
 
   class Timer(keras.callbacks.Callback):
@@ -113,7 +113,8 @@ def tfvae_trainer(x, hidden, activation, batch_size, mixed_precision=False):
       epochs.append((time.perf_counter() - self.start, logs["loss"]))
 
   def run_epoch():
-    vae.fit(pipeline, epochs=1, steps_per_epoch=steps, verbose=0, callbacks=[Timer()])
+    vae.fit(pipeline, epochs=1, steps_per_epoch=steps // steps_per_block, verbose=0,
+            callbacks=[Timer()])
     return epochs[-1]
 
   return run_epoch, steps * batch_size

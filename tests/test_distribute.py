@@ -88,3 +88,43 @@ def test_two_workers_on_localhost_match_one_device(single, data_dir, tmp_path):
   assert (tmp_path / "last.keras").is_file()
   assert abs(chief["test_elbo"] - single["test_elbo"]) < 0.02 * abs(single["test_elbo"]), (
       chief, single)
+
+
+_BLOCK_UNDER_MIRRORED = r"""
+import numpy as np
+import tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+import tfvae
+from tfvae import data
+strategy = tf.distribute.MirroredStrategy()
+with strategy.scope():
+  vae = tfvae.VAE(tfvae.ModelConfig(latent_size=2, hidden_sizes=(8,)))
+  vae.compile(optimizer="adam")
+blocks = data.train_pipeline(np.zeros((64, 28, 28, 1), np.uint8), 8, seed=0,
+                             dynamic_binarization=False, steps_per_block=4)
+try:
+  vae.fit(blocks, epochs=1, steps_per_epoch=2, verbose=0)
+except ValueError as e:
+  print("fit: ValueError:", e)
+try:  # train_step itself, as a custom loop would run it
+  strategy.run(tf.function(vae.train_step), args=(next(iter(blocks)),))
+except ValueError as e:
+  print("train_step: ValueError:", e)
+"""
+
+
+def test_blocks_of_batches_under_mirrored_fail_with_the_fix():
+  completed = subprocess.run([sys.executable, "-c", _BLOCK_UNDER_MIRRORED], capture_output=True,
+                             text=True, timeout=600, env=_env())
+  assert completed.returncode == 0, completed.stderr[-4000:]
+  # Keras calls the model on the first element to build it under a strategy, so fit's message
+  # comes from VAE.call.
+  out = completed.stdout
+  fit_error, step_error = out.index("fit: ValueError"), out.index("train_step: ValueError")
+  assert out.find("VAE.call takes a batch [B, H, W, C], not a block of batches"
+                  " (2, 8, 28, 28, 1)", fit_error, step_error) > 0, out[-2000:]
+  assert out.find("a block of batches (4, 8, 28, 28, 1) trains on one replica, but this strategy"
+                  " has 2", step_error) > 0, out[-2000:]
+  assert out.count("feed batches [M, H, W, C] (tfvae.data.train_pipeline with"
+                   " steps_per_block=1)") == 2

@@ -187,6 +187,57 @@ def test_sharded_training_matches_whole_batch_gradients_without_noise():
     np.testing.assert_allclose(sharded, whole, rtol=1e-5, atol=1e-7)
 
 
+def test_a_block_trains_and_evaluates_like_its_batches(mnist_slice):
+  x_train, x_test = mnist_slice  # 1000 and 200 images
+  x_train = x_train[:600]  # 12 batches of 50 an epoch: 3 blocks of 4
+  config = tfvae.ModelConfig(latent_size=4, hidden_sizes=(32,))
+  runs = []
+  for steps_per_block in (1, 4):
+    keras.utils.set_random_seed(0)
+    vae = tfvae.VAE(config, step_shards=2)
+    vae.compile(optimizer=keras.optimizers.Adam(2e-3))
+    train = data.train_pipeline(x_train, 50, seed=1, dynamic_binarization=True,
+                                steps_per_block=steps_per_block)
+    history = vae.fit(train, epochs=2, steps_per_epoch=12 // steps_per_block, verbose=0)
+    test = data.eval_pipeline(data.eval_arrays(x_test, bernoulli=True, binary=False), 30,
+                              steps_per_block=steps_per_block)  # blocks of 3, 3, 1 and 1
+    runs.append((vae, history.history, vae.evaluate(test, verbose=0, return_dict=True)))
+  (batches, batch_history, batch_test), (blocks, block_history, block_test) = runs
+  # The same 24 updates with the same noise, so the same weights and metrics.
+  assert int(blocks.optimizer.iterations) == int(batches.optimizer.iterations) == 24
+  for a, b in zip(batches.weights, blocks.weights, strict=True):
+    np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-6, atol=1e-7, err_msg=a.path)
+  for name in METRIC_NAMES:
+    np.testing.assert_allclose(block_history[name], batch_history[name], rtol=1e-6)
+    np.testing.assert_allclose(block_test[name], batch_test[name], rtol=1e-6)
+  assert batch_history["loss"][1] < batch_history["loss"][0]  # it did train
+
+
+def test_a_block_takes_sample_weights_per_batch(binary_batch):
+  x = np.concatenate([binary_batch] * 3).reshape(3, 8, 28, 28, 1)  # a block of 3 batches of 8
+  weights = np.random.default_rng(3).random((3, 8)).astype(np.float32)
+  config = tfvae.ModelConfig(latent_size=2, hidden_sizes=(16,))
+  vaes = []
+  for _ in range(3):
+    keras.utils.set_random_seed(0)
+    vae = tfvae.VAE(config)
+    vae.compile(optimizer=keras.optimizers.Adam(1e-2))
+    vae.optimizer.build(vae.trainable_variables)
+    vaes.append(vae)
+  block, batches, unweighted = vaes
+  block_logs = block.train_step((x, None, weights))
+  for k in range(3):
+    batch_logs = batches.train_step((x[k], None, weights[k]))
+    unweighted.train_step(x[k])
+  for name in METRIC_NAMES:
+    np.testing.assert_allclose(block_logs[name], batch_logs[name], rtol=1e-6)
+  for a, b in zip(batches.weights, block.weights, strict=True):
+    np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-6, atol=1e-7)
+  # The weights mattered: without them the updates differ.
+  assert not np.allclose(block.trainable_weights[0].numpy(),
+                         unweighted.trainable_weights[0].numpy())
+
+
 def test_building_a_vae_warns_about_nothing(small_config):
   import warnings
   with warnings.catch_warnings():

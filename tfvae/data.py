@@ -348,8 +348,9 @@ def steps_per_epoch(num_examples: int, batch_size: int) -> int:
 
 
 def train_pipeline(images: np.ndarray, batch_size: int, seed: int, dynamic_binarization: bool,
-                   first_epoch: int = 0, num_epochs: int | None = None) -> tf.data.Dataset:
-  """Training batches [M, H, W, C], epoch after epoch, as the model takes them.
+                   first_epoch: int = 0, num_epochs: int | None = None,
+                   steps_per_block: int = 1) -> tf.data.Dataset:
+  """Training batches [M, H, W, C] or blocks of them, epoch after epoch, as the model takes them.
 
   Batches keep the images' dtype, uint8 0..255 or float32 in [0, 1] (the VAE scales uint8
   itself, inside its step, so the pipeline moves a quarter of the bytes); dynamic binarization
@@ -365,7 +366,13 @@ def train_pipeline(images: np.ndarray, batch_size: int, seed: int, dynamic_binar
   Epoch e's order (and, with dynamic binarization, its Bernoulli draws x ~ Bernoulli(pixel))
   depend only on (seed, e), so a run resumed at epoch e sees exactly the batches an
   uninterrupted run would. The stream is endless unless num_epochs is given, so pass
-  steps_per_epoch to Keras fit.
+  steps_per_epoch to Keras fit (divided by steps_per_block).
+
+  With steps_per_block = K > 1, each element is a block [K, M, H, W, C] of K consecutive
+  batches, the same batches in the same order, for VAE.train_step to take K optimizer steps
+  on in one call: fetching one element per step from a tf.data iterator cost about 15% of the
+  training speed of the 784-400-20 VAE on a 2-core CPU (docs/BENCHMARKS.md). K must divide
+  the epoch's steps.
 
   Args:
     images: [N, H, W, C] uint8 or float32.
@@ -374,11 +381,19 @@ def train_pipeline(images: np.ndarray, batch_size: int, seed: int, dynamic_binar
     dynamic_binarization: draw binary images afresh each epoch.
     first_epoch: the epoch to start at (a resumed run's initial epoch).
     num_epochs: stop before this epoch; None repeats forever.
+    steps_per_block: K, batches per element; 1 yields the batches themselves.
+
+  Raises:
+    ValueError: steps_per_block is not a divisor of the epoch's steps.
   """
   stored = tf.constant(images)
   count = int(images.shape[0])
   size = min(batch_size, count)  # the static batch size
   num_batches = steps_per_epoch(count, batch_size)
+  if steps_per_block < 1 or num_batches % steps_per_block:
+    raise ValueError(f"steps_per_block={steps_per_block} does not divide the {num_batches}"
+                     f" batches of {size} in an epoch of {count} images; pick a divisor of"
+                     f" {num_batches} (tfvae.training.choose_steps_per_execution finds one)")
   batch_shape = [size, *images.shape[1:]]
   base_seed = tf.constant([seed, 0x5EED], tf.int64)
 
@@ -399,7 +414,11 @@ def train_pipeline(images: np.ndarray, batch_size: int, seed: int, dynamic_binar
       white = tf.constant(255 if images.dtype == tf.uint8 else 1, images.dtype)
       return tf.where(uniform < probabilities, white, tf.zeros_like(white))
 
-    return tf.data.Dataset.range(num_batches).map(load_batch)
+    batches = tf.data.Dataset.range(num_batches).map(load_batch)
+    # [K, M, H, W, C]; K divides the epoch, so no block spans two epochs and none is short
+    # (drop_remainder only makes K static).
+    return (batches if steps_per_block == 1
+            else batches.batch(steps_per_block, drop_remainder=True))
 
   epochs = tf.data.Dataset.range(first_epoch, num_epochs if num_epochs is not None
                                  else np.iinfo(np.int64).max)
@@ -421,7 +440,22 @@ def eval_arrays(images: np.ndarray, bernoulli: bool, binary: bool) -> np.ndarray
   return draws.astype(np.float32)
 
 
-def eval_pipeline(images: np.ndarray, batch_size: int) -> tf.data.Dataset:
-  """Images from `eval_arrays` (uint8 or float32) -> unshuffled batches of the same dtype."""
-  return (tf.data.Dataset.from_tensor_slices(images).batch(batch_size).prefetch(2)
-          .with_options(_dataset_options()))
+def eval_pipeline(images: np.ndarray, batch_size: int,
+                  steps_per_block: int = 1) -> tf.data.Dataset:
+  """Images from `eval_arrays` (uint8 or float32) -> unshuffled batches of the same dtype.
+
+  With steps_per_block = K > 1, elements are blocks of batches for VAE.test_step, as
+  train_pipeline's are for train_step: the N // M full batches in blocks [K, M, H, W, C] (the
+  last may hold fewer), then the N mod M images left over as one block [1, N mod M, H, W, C].
+  """
+  if steps_per_block == 1:
+    batches = tf.data.Dataset.from_tensor_slices(images).batch(batch_size)
+  else:
+    full = len(images) // batch_size * batch_size
+    batches = tf.data.Dataset.from_tensor_slices(
+        images[:full].reshape(-1, batch_size, *images.shape[1:])  # [N // M, M, H, W, C]
+    ).batch(steps_per_block)
+    if full < len(images):
+      batches = batches.concatenate(
+          tf.data.Dataset.from_tensors(images[np.newaxis, full:]))  # [1, N mod M, H, W, C]
+  return batches.prefetch(2).with_options(_dataset_options())

@@ -166,6 +166,12 @@ class VAE(keras.Model):
       Dict of "latent_mean" [B, J], "latent_scale" [B, J] and "reconstruction" [B, H, W, C],
       the mean of p(x|z) at z = E[z|x].
     """
+    if len(x.shape) == len(self.model_config.image_shape) + 2:
+      # Keras also calls the model on a first element to build it under a distribution strategy.
+      raise ValueError(f"VAE.call takes a batch [B, H, W, C], not a block of batches {x.shape};"
+                       f" blocks are for fit and evaluate on one replica: under a distribution"
+                       f" strategy feed batches [M, H, W, C] (tfvae.data.train_pipeline with"
+                       f" steps_per_block=1)")
     posterior = self.encoder(x, training=training)
     reconstruction = self.decoder(posterior.mean(), training=training).mean()
     return {"latent_mean": posterior.mean(), "latent_scale": posterior.stddev(),
@@ -225,8 +231,7 @@ class VAE(keras.Model):
     step = tf.cast(self.optimizer.iterations, tf.int64)
     return tf.cast(tf.random.experimental.stateless_fold_in(base, step), tf.int32)
 
-  def _update_metrics(self, terms, sample_weight):
-    self._term_means.update_state(terms, sample_weight)
+  def _logs(self):
     results = self._term_means.result()
     if _multi_worker(self.distribute_strategy):
       # Keras 3.15 reduces step outputs across workers with reduce(MEAN, axis=0), which fails
@@ -234,8 +239,31 @@ class VAE(keras.Model):
       results = {name: tf.reshape(value, [1]) for name, value in results.items()}
     return results
 
-  def train_step(self, data):
-    x, _, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+  def _is_block(self, x: tf.Tensor) -> bool:
+    """Whether x is a block [K, M, H, W, C] of K batches rather than one batch [M, H, W, C]."""
+    if x.shape.rank != len(self.model_config.image_shape) + 2:
+      return False
+    replicas = tf.distribute.get_replica_context().num_replicas_in_sync
+    if replicas > 1:
+      raise ValueError(f"a block of batches {x.shape} trains on one replica, but this strategy"
+                       f" has {replicas}; under a distribution strategy feed batches"
+                       f" [M, H, W, C] (tfvae.data.train_pipeline with steps_per_block=1)")
+    return True
+
+  def _for_each_batch(self, step, x, sample_weight) -> None:
+    """step(batch, weights) on x, a batch or a block (K calls, in order, in one graph loop)."""
+    x = tf.convert_to_tensor(x)
+    if not self._is_block(x):
+      step(x, sample_weight)
+      return
+
+    def body(k):
+      step(x[k], None if sample_weight is None else sample_weight[k])
+      return (k + 1,)
+
+    tf.while_loop(lambda k: k < tf.shape(x)[0], body, (tf.constant(0),))
+
+  def _train_batch(self, x, sample_weight) -> None:
     with tf.GradientTape() as tape:
       terms = self._sharded_terms(x, self._train_seed(), training=True)
       loss = _weighted_mean(terms["loss"], sample_weight)
@@ -246,12 +274,29 @@ class VAE(keras.Model):
       scaled_loss = self.optimizer.scale_loss(loss)
     gradients = tape.gradient(scaled_loss, self.trainable_variables)
     self.optimizer.apply(gradients, self.trainable_variables)
-    return self._update_metrics(terms, sample_weight)
+    self._term_means.update_state(terms, sample_weight)
+
+  def _test_batch(self, x, sample_weight) -> None:
+    terms = self._sharded_terms(x, self._next_seed(), training=False)
+    self._term_means.update_state(terms, sample_weight)
+
+  def train_step(self, data):
+    """One optimizer step on a batch x [M, H, W, C], or K steps on a block [K, M, H, W, C].
+
+    A block is K batches in order (tfvae.data.train_pipeline(..., steps_per_block=K)): the
+    same updates, noise and metrics as K calls with one batch each, without a trip through the
+    input pipeline per step. Sample weights, if any, are [M] per batch or [K, M] per block.
+    Blocks train on one replica only.
+    """
+    x, _, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+    self._for_each_batch(self._train_batch, x, sample_weight)
+    return self._logs()
 
   def test_step(self, data):
+    """Adds a batch [M, H, W, C] or a block [K, M, H, W, C] to the metrics."""
     x, _, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-    terms = self._sharded_terms(x, self._next_seed(), training=False)
-    return self._update_metrics(terms, sample_weight)
+    self._for_each_batch(self._test_batch, x, sample_weight)
+    return self._logs()
 
   @property
   def metrics(self):
