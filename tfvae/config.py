@@ -128,9 +128,11 @@ class TrainConfig:
     eval_num_samples: K for the importance-sampled test log-likelihood at the end; 0 skips it.
     strategy: tf.distribute strategy name.
     mixed_precision: compute in 16-bit floats, keep the objective in float32.
-    steps_per_execution: at most this many training steps per call into the compiled graph
-      (Keras `compile` argument); larger values amortize the several milliseconds each call
-      costs. train() takes the largest divisor of the steps per epoch up to this value.
+    steps_per_execution: at most this many training steps per call into the compiled graph;
+      larger values amortize the several milliseconds each call costs. train() takes the
+      largest divisor K of the steps per epoch up to this value and feeds the model blocks of
+      K batches (one tf.data element and one Keras step per K optimizer steps; see
+      tfvae.VAE.train_step). With several replicas, 1.
     step_shards: independent branches each training batch is split into (see tfvae.VAE);
       0 picks `tfvae.training.default_step_shards()`: 2 on a multi-core CPU, else 1.
     intra_op_threads: threads each TensorFlow op may use; 0 picks the machine's cores divided

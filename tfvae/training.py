@@ -382,8 +382,10 @@ def train(model_config: ModelConfig, train_config: TrainConfig, workdir: str | o
                                   profile_batch=0),
       *(callbacks or []),
   ]
-  logging.info("Training on %d %s images %s for %d epochs.", num_train, dataset_name,
-               model_config.image_shape, train_config.epochs)
+  logging.info("Training on %d %s images %s for %d epochs of %d steps, in blocks of %d steps"
+               " (Keras's progress counts blocks: %d an epoch).", num_train, dataset_name,
+               model_config.image_shape, train_config.epochs, steps, steps_per_block,
+               steps // steps_per_block)
   history = vae.fit(train_data, validation_data=test_data, epochs=train_config.epochs,
                     steps_per_epoch=steps // steps_per_block,
                     callbacks=all_callbacks, verbose=verbose, shuffle=False)
