@@ -83,7 +83,7 @@ def default_threads_ceiling():
 
 
 def tfvae_trainer(x, hidden, activation, batch_size, mixed_precision=False):
-  """tfvae as bin/train runs it (its optimizer, batch shards, steps per execution, precision).
+  """tfvae as bin/train runs it (its optimizer, batch shards, blocks of steps per call, precision).
 
   Returns (run_epoch, examples per epoch); run_epoch() trains one epoch and returns
   (seconds, mean training loss).

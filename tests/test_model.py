@@ -198,7 +198,8 @@ def test_a_block_trains_and_evaluates_like_its_batches(mnist_slice):
     vae.compile(optimizer=keras.optimizers.Adam(2e-3))
     train = data.train_pipeline(x_train, 50, seed=1, dynamic_binarization=True,
                                 steps_per_block=steps_per_block)
-    history = vae.fit(train, epochs=2, steps_per_epoch=12 // steps_per_block, verbose=0)
+    history = vae.fit(train, epochs=2, steps_per_epoch=12 // steps_per_block, verbose=0,
+                      shuffle=False)
     test = data.eval_pipeline(data.eval_arrays(x_test, bernoulli=True, binary=False), 30,
                               steps_per_block=steps_per_block)  # blocks of 3, 3, 1 and 1
     runs.append((vae, history.history, vae.evaluate(test, verbose=0, return_dict=True)))
