@@ -22,6 +22,10 @@ tfd = tfp.distributions
 
 _PACKAGE = "tfvae"
 
+# The fix named by the errors about blocks of batches under a distribution strategy.
+_FEED_BATCHES = ("under a distribution strategy feed batches [M, H, W, C]"
+                 " (tfvae.data.train_pipeline with steps_per_block=1)")
+
 
 # The metrics every step reports, per-example means in nats.
 METRIC_NAMES = ("loss", "elbo", "kl", "nll")
@@ -166,12 +170,10 @@ class VAE(keras.Model):
       Dict of "latent_mean" [B, J], "latent_scale" [B, J] and "reconstruction" [B, H, W, C],
       the mean of p(x|z) at z = E[z|x].
     """
-    if len(x.shape) == len(self.model_config.image_shape) + 2:
+    if self._has_block_rank(x):
       # Keras also calls the model on a first element to build it under a distribution strategy.
       raise ValueError(f"VAE.call takes a batch [B, H, W, C], not a block of batches {x.shape};"
-                       f" blocks are for fit and evaluate on one replica: under a distribution"
-                       f" strategy feed batches [M, H, W, C] (tfvae.data.train_pipeline with"
-                       f" steps_per_block=1)")
+                       f" blocks are for fit and evaluate on one replica: {_FEED_BATCHES}")
     posterior = self.encoder(x, training=training)
     reconstruction = self.decoder(posterior.mean(), training=training).mean()
     return {"latent_mean": posterior.mean(), "latent_scale": posterior.stddev(),
@@ -239,15 +241,18 @@ class VAE(keras.Model):
       results = {name: tf.reshape(value, [1]) for name, value in results.items()}
     return results
 
+  def _has_block_rank(self, x) -> bool:
+    """Whether x has the rank of a block [K, M, H, W, C] rather than of a batch [M, H, W, C]."""
+    return len(x.shape) == len(self.model_config.image_shape) + 2
+
   def _is_block(self, x: tf.Tensor) -> bool:
-    """Whether x is a block [K, M, H, W, C] of K batches rather than one batch [M, H, W, C]."""
-    if x.shape.rank != len(self.model_config.image_shape) + 2:
+    """Whether x is a block of K batches; a block under several replicas is an error."""
+    if not self._has_block_rank(x):
       return False
     replicas = tf.distribute.get_replica_context().num_replicas_in_sync
     if replicas > 1:
       raise ValueError(f"a block of batches {x.shape} trains on one replica, but this strategy"
-                       f" has {replicas}; under a distribution strategy feed batches"
-                       f" [M, H, W, C] (tfvae.data.train_pipeline with steps_per_block=1)")
+                       f" has {replicas}; {_FEED_BATCHES}")
     return True
 
   def _for_each_batch(self, step, x, sample_weight) -> None:

@@ -355,6 +355,7 @@ def train(model_config: ModelConfig, train_config: TrainConfig, workdir: str | o
   # [K, M, H, W, C]: a tf.data element per step cost about 15% of the speed on a 2-core CPU.
   steps_per_block = choose_steps_per_execution(steps, train_config.steps_per_execution,
                                                strategy.num_replicas_in_sync)
+  blocks_per_epoch = steps // steps_per_block  # what Keras counts as steps
   train_data = data_lib.train_pipeline(dataset.x_train, train_config.batch_size,
                                        train_config.seed,
                                        dynamic_binarization=bernoulli and not dataset.binary,
@@ -385,9 +386,9 @@ def train(model_config: ModelConfig, train_config: TrainConfig, workdir: str | o
   logging.info("Training on %d %s images %s for %d epochs of %d steps, in blocks of %d steps"
                " (Keras's progress counts blocks: %d an epoch).", num_train, dataset_name,
                model_config.image_shape, train_config.epochs, steps, steps_per_block,
-               steps // steps_per_block)
+               blocks_per_epoch)
   history = vae.fit(train_data, validation_data=test_data, epochs=train_config.epochs,
-                    steps_per_epoch=steps // steps_per_block,
+                    steps_per_epoch=blocks_per_epoch,
                     callbacks=all_callbacks, verbose=verbose, shuffle=False)
 
   test_metrics = evaluation.evaluate(vae, x_test, train_config.eval_num_samples,
