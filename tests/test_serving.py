@@ -37,6 +37,12 @@ for record in tf.data.TFRecordDataset(path + "/assets.extra/tf_serving_warmup_re
 x = tf.zeros([2, 28, 28, 1])
 bad = {
   "shape": lambda: model.signatures["encode"](x=tf.zeros([2, 28, 27, 1])),
+  "no_channel": lambda: model.signatures["serving_default"](x=tf.zeros([2, 28, 28])),
+  "flat": lambda: model.signatures["reconstruct"](x=tf.zeros([2, 784])),
+  "rank_5": lambda: model.signatures["log_likelihood"](
+      x=tf.zeros([2, 28, 28, 1, 1]), num_samples=tf.constant(5), seed=tf.constant(0, tf.int64)),
+  "z_size": lambda: model.signatures["decode"](z=tf.zeros([2, 4])),
+  "z_rank": lambda: model.signatures["decode"](z=tf.zeros([3])),
   "dtype": lambda: model.signatures["encode"](x=tf.zeros([2, 28, 28, 1], tf.int32)),
   "inf": lambda: model.signatures["serving_default"](x=x + float("inf")),
   "negative": lambda: model.signatures["log_likelihood"](
@@ -85,7 +91,13 @@ def test_warmup_file_parses_and_every_request_runs_in_a_fresh_process(served):
   assert "x must lie in [0, 1]" in bad["negative"]
   assert "count must be <= 10000" in bad["count"]
   assert "num_samples must be >= 1" in bad["num_samples"]
-  assert bad["shape"].startswith(("TypeError", "ValueError", "InvalidArgumentError"))
+  # A request of the wrong shape is named as such, with the shape it should have had.
+  for name, got in [("shape", "2 28 27 1"), ("no_channel", "2 28 28"), ("flat", "2 784"),
+                    ("rank_5", "2 28 28 1 1")]:
+    assert bad[name].startswith("InvalidArgumentError"), bad[name]
+    assert f"x must have shape [B, 28, 28, 1]; got shape] [{got}]" in bad[name], bad[name]
+  assert "z must have shape [B, 3]; got shape] [2 4]" in bad["z_size"], bad["z_size"]
+  assert "z must have shape [B, 3]; got shape] [3]" in bad["z_rank"], bad["z_rank"]
 
 
 def test_saved_model_cli_runs_a_signature(served, tmp_path):

@@ -79,8 +79,33 @@ def check_writable(export_dir: str | os.PathLike, model_name: str) -> pathlib.Pa
   return model_dir
 
 
-def _check_input(x: tf.Tensor, likelihood: str) -> tf.Tensor:
-  """Fails the request (InvalidArgumentError) on NaN/Inf or pixels outside [0, 1]."""
+# Shapes are compared on this many leading dimensions (the rank is padded with zeros to it).
+_MAX_CHECKED_RANK = 8
+
+
+def _check_shape(tensor: tf.Tensor, name: str, tail: tuple[int, ...]) -> tf.Operation:
+  """An op that fails the request (InvalidArgumentError) unless `tensor` is [B, *tail].
+
+  A loaded signature and TF Serving feed a request's tensor without holding it to the
+  signature's TensorSpec, and the graph, traced for that spec, believes its rank: a check
+  of tf.rank is folded away. So the runtime shape is padded with zeros to a fixed length and
+  compared whole, which catches a wrong rank as well as a wrong size.
+  """
+  expected = f"[B, {', '.join(map(str, tail))}]"
+  shape = tf.shape(tensor)
+  padded = tf.concat([shape, tf.zeros([_MAX_CHECKED_RANK], tf.int32)], 0)[1:_MAX_CHECKED_RANK]
+  want = list(tail) + [0] * (_MAX_CHECKED_RANK - 1 - len(tail))
+  ok = tf.reduce_all(tf.equal(padded, want)) & tf.equal(tf.size(tensor),
+                                                        shape[0] * int(np.prod(tail)))
+  return tf.debugging.Assert(ok, [f"{name} must have shape {expected}; got shape", shape],
+                             summarize=_MAX_CHECKED_RANK)
+
+
+def _check_input(x: tf.Tensor, likelihood: str, image_shape: tuple[int, ...]) -> tf.Tensor:
+  """Fails the request (InvalidArgumentError) on a shape other than [B, *image_shape], on NaN
+  or Inf, or on pixels outside [0, 1]."""
+  with tf.control_dependencies([_check_shape(x, "x", image_shape)]):
+    x = tf.identity(x)
   checks = [tf.debugging.assert_all_finite(x, "x holds NaN or Inf values")]
   in_range = tf.reduce_all((x >= 0.0) & (x <= 1.0))
   checks.append(tf.debugging.Assert(
@@ -97,7 +122,7 @@ def _signatures(vae) -> dict[str, tuple]:
   scalar_seed = tf.TensorSpec([], tf.int64, name="seed")
 
   def check(x):
-    return _check_input(x, config.likelihood)
+    return _check_input(x, config.likelihood, config.image_shape)
 
   def latent_outputs(posterior):
     return {"latent_mean": posterior.mean(), "latent_scale": posterior.stddev()}
@@ -114,7 +139,8 @@ def _signatures(vae) -> dict[str, tuple]:
     return latent_outputs(vae.encoder(check(x)))
 
   def decode(z):
-    tf.debugging.assert_all_finite(z, "z holds NaN or Inf values")
+    with tf.control_dependencies([_check_shape(z, "z", (config.latent_size,))]):
+      z = tf.debugging.assert_all_finite(z, "z holds NaN or Inf values")
     return {"reconstruction": vae.decoder(z).mean()}
 
   def reconstruct(x):
