@@ -114,7 +114,7 @@ def tfvae_trainer(x, hidden, activation, batch_size, mixed_precision=False):
 
   def run_epoch():
     vae.fit(pipeline, epochs=1, steps_per_epoch=steps // steps_per_block, verbose=0,
-            callbacks=[Timer()])
+            callbacks=[Timer()], shuffle=False)  # the pipeline shuffles, as in train()
     return epochs[-1]
 
   return run_epoch, steps * batch_size
