@@ -366,7 +366,8 @@ def train_pipeline(images: np.ndarray, batch_size: int, seed: int, dynamic_binar
   Epoch e's order (and, with dynamic binarization, its Bernoulli draws x ~ Bernoulli(pixel))
   depend only on (seed, e), so a run resumed at epoch e sees exactly the batches an
   uninterrupted run would. The stream is endless unless num_epochs is given, so pass
-  steps_per_epoch to Keras fit (divided by steps_per_block).
+  steps_per_epoch to Keras fit (divided by steps_per_block), and shuffle=False: the order is
+  the pipeline's (Keras ignores its own shuffle for a dataset, with a warning).
 
   With steps_per_block = K > 1, each element is a block [K, M, H, W, C] of K consecutive
   batches, the same batches in the same order, for VAE.train_step to take K optimizer steps
