@@ -43,6 +43,7 @@ bad = {
       x=tf.zeros([2, 28, 28, 1, 1]), num_samples=tf.constant(5), seed=tf.constant(0, tf.int64)),
   "z_size": lambda: model.signatures["decode"](z=tf.zeros([2, 4])),
   "z_rank": lambda: model.signatures["decode"](z=tf.zeros([3])),
+  "scalar": lambda: model.signatures["encode"](x=tf.constant(0.5)),
   "dtype": lambda: model.signatures["encode"](x=tf.zeros([2, 28, 28, 1], tf.int32)),
   "inf": lambda: model.signatures["serving_default"](x=x + float("inf")),
   "negative": lambda: model.signatures["log_likelihood"](
@@ -98,6 +99,7 @@ def test_warmup_file_parses_and_every_request_runs_in_a_fresh_process(served):
     assert f"x must have shape [B, 28, 28, 1]; got shape] [{got}]" in bad[name], bad[name]
   assert "z must have shape [B, 3]; got shape] [2 4]" in bad["z_size"], bad["z_size"]
   assert "z must have shape [B, 3]; got shape] [3]" in bad["z_rank"], bad["z_rank"]
+  assert "x must have shape [B, 28, 28, 1]; got shape] []" in bad["scalar"], bad["scalar"]
 
 
 def test_saved_model_cli_runs_a_signature(served, tmp_path):

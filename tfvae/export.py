@@ -89,14 +89,15 @@ def _check_shape(tensor: tf.Tensor, name: str, tail: tuple[int, ...]) -> tf.Oper
   A loaded signature and TF Serving feed a request's tensor without holding it to the
   signature's TensorSpec, and the graph, traced for that spec, believes its rank: a check
   of tf.rank is folded away. So the runtime shape is padded with zeros to a fixed length and
-  compared whole, which catches a wrong rank as well as a wrong size.
+  compared whole, which catches a wrong rank as well as a wrong size (dimensions past that
+  length show in the element count, which must be B * prod(tail)).
   """
   expected = f"[B, {', '.join(map(str, tail))}]"
   shape = tf.shape(tensor)
-  padded = tf.concat([shape, tf.zeros([_MAX_CHECKED_RANK], tf.int32)], 0)[1:_MAX_CHECKED_RANK]
+  padded = tf.concat([shape, tf.zeros([_MAX_CHECKED_RANK], tf.int32)], 0)  # a scalar too
   want = list(tail) + [0] * (_MAX_CHECKED_RANK - 1 - len(tail))
-  ok = tf.reduce_all(tf.equal(padded, want)) & tf.equal(tf.size(tensor),
-                                                        shape[0] * int(np.prod(tail)))
+  ok = (tf.reduce_all(tf.equal(padded[1:_MAX_CHECKED_RANK], want))
+        & tf.equal(tf.size(tensor), padded[0] * int(np.prod(tail))))
   return tf.debugging.Assert(ok, [f"{name} must have shape {expected}; got shape", shape],
                              summarize=_MAX_CHECKED_RANK)
 
