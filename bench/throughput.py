@@ -233,8 +233,7 @@ def main(argv):
               for label, settings in models.items()}
   if FLAGS.mixed_precision:
     settings = models[model_b]
-    policy = "mixed_float16" if tf.config.list_logical_devices("GPU") else "mixed_bfloat16"
-    trainers[f"tfvae (b), {policy}"] = (
+    trainers[f"tfvae (b), {training.mixed_precision_policy()}"] = (
         *tfvae_trainer(x, *settings, mixed_precision=True), settings[0])
   if FLAGS.torch:
     trainers.update(torch_trainers(x))

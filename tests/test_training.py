@@ -1,12 +1,14 @@
 """tfvae.training.train: the run's bookkeeping."""
 
+import dataclasses
+
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
 import tfvae
-from tfvae import data, training
+from tfvae import data, export, training
 
 
 def test_every_epoch_is_exactly_one_pass_whatever_steps_per_execution(tmp_path):
@@ -50,6 +52,55 @@ def test_mixed_precision_computes_in_16_bits_and_keeps_the_objective_float32(tmp
   assert all(t.dtype == "float32" and np.all(np.isfinite(t)) for t in terms.values())
   assert result.history["loss"][-1] < result.history["loss"][0]
   assert keras.mixed_precision.global_policy().name == "float32"  # restored
+
+
+def test_mixed_float16_as_on_a_gpu_scales_the_loss_through_the_optimizer(tmp_path,
+                                                                        monkeypatch):
+  # The GPU branch of --mixed_precision, run on the CPU (TensorFlow has float16 CPU kernels).
+  monkeypatch.setattr(training, "mixed_precision_policy", lambda: "mixed_float16")
+  rng = np.random.default_rng(3)
+  dataset = data.Dataset("npz:toy", rng.integers(0, 256, (320, 8, 8, 1), dtype=np.uint8),
+                         rng.integers(0, 256, (32, 8, 8, 1), dtype=np.uint8), False)
+  config = training.model_config_for(dataset, latent_size=2, hidden_sizes=(16,))
+  train_config = tfvae.TrainConfig(epochs=3, batch_size=32, eval_num_samples=0)
+  half = training.train(config, dataclasses.replace(train_config, mixed_precision=True),
+                        tmp_path / "half", dataset=dataset, verbose=0)
+  full = training.train(config, train_config, tmp_path / "full", dataset=dataset, verbose=0)
+
+  vae = half.vae
+  assert vae.encoder.network.layers[1].compute_dtype == "float16"
+  optimizer = vae.optimizer
+  assert isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
+  assert isinstance(optimizer.inner_optimizer, tfvae.optimizers.FusedAdam)
+  assert int(optimizer.iterations) == 3 * 10  # no step was skipped for overflow
+  # The same data, seed and noise in float32 train to nearly the same loss.
+  np.testing.assert_allclose(half.history["loss"], full.history["loss"], rtol=1e-4)
+  terms = vae.per_example_terms(data.eval_arrays(dataset.x_test, True, False),
+                                np.array([1, 2], np.int32))
+  assert all(t.dtype == "float32" and np.all(np.isfinite(t)) for t in terms.values())
+
+  # The step multiplies the loss by the dynamic scale before the float16 backward pass: at
+  # 2**60 the float16 gradients overflow, so the optimizer skips the update and halves the
+  # scale. (Without the scaling the gradients would be finite and the weights would move.)
+  weights = [w.numpy() for w in vae.trainable_variables]
+  optimizer.dynamic_scale.assign(2.0**60)
+  vae.train_on_batch(dataset.x_train[:32])
+  assert float(optimizer.dynamic_scale) == 2.0**59
+  assert int(optimizer.iterations) == 3 * 10
+  for before, after in zip(weights, vae.trainable_variables, strict=True):
+    np.testing.assert_array_equal(before, after.numpy())
+  optimizer.dynamic_scale.assign(2.0**10)  # a finite step at a sane scale moves them
+  vae.train_on_batch(dataset.x_train[:32])
+  assert int(optimizer.iterations) == 3 * 10 + 1
+  assert not np.array_equal(weights[0], vae.trainable_variables[0].numpy())
+
+  # The checkpoint reloads with its loss-scaled optimizer, and the export serves float32.
+  reloaded = keras.models.load_model(half.workdir / "last.keras")
+  assert isinstance(reloaded.optimizer.inner_optimizer, tfvae.optimizers.FusedAdam)
+  path = export.export(vae, tmp_path / "export", "toy")
+  outputs = tf.saved_model.load(str(path)).signatures["serving_default"](
+      x=data.to_unit_float(data.eval_arrays(dataset.x_test[:4], True, False)))
+  assert outputs["elbo"].dtype == tf.float32 and np.all(np.isfinite(outputs["elbo"]))
 
 
 @pytest.mark.parametrize("flags_line, lacks", [

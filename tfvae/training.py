@@ -163,9 +163,19 @@ def cpu_lacks_bfloat16() -> bool:
   return bool(cpu_flags) and not cpu_flags & _BFLOAT16_CPU_FLAGS
 
 
+def mixed_precision_policy() -> str:
+  """The Keras policy of --mixed_precision here: mixed_float16 on a GPU, else mixed_bfloat16.
+
+  float16 needs loss scaling (its smallest normal number is 6e-5, where small gradients
+  underflow) and is what GPUs compute fastest; bfloat16 has float32's range and is what TPUs
+  and recent CPUs compute in.
+  """
+  return "mixed_float16" if tf.config.list_logical_devices("GPU") else "mixed_bfloat16"
+
+
 @contextlib.contextmanager
 def dtype_policy(mixed_precision: bool):
-  """Builds layers under mixed_float16 (GPU) or mixed_bfloat16 (CPU/TPU) when asked.
+  """Builds layers under mixed_precision_policy() when asked.
 
   Layers keep the policy they were built with, so the global policy is restored afterwards.
   Encoder and Decoder cast network outputs to float32, so the KL, log-likelihood and ELBO stay
@@ -173,9 +183,10 @@ def dtype_policy(mixed_precision: bool):
   """
   previous = keras.mixed_precision.global_policy()
   if mixed_precision:
-    gpu = bool(tf.config.list_logical_devices("GPU"))
-    keras.mixed_precision.set_global_policy("mixed_float16" if gpu else "mixed_bfloat16")
-    if not gpu and not tf.config.list_logical_devices("TPU") and cpu_lacks_bfloat16():
+    policy = mixed_precision_policy()
+    keras.mixed_precision.set_global_policy(policy)
+    if (policy == "mixed_bfloat16" and not tf.config.list_logical_devices("TPU")
+        and cpu_lacks_bfloat16()):
       logging.warning("mixed precision computes in bfloat16 on this CPU, which has no bfloat16"
                       " instructions (%s in /proc/cpuinfo), so TensorFlow emulates them and"
                       " training is slower than in float32 (2.5 times, docs/BENCHMARKS.md)."
