@@ -12,6 +12,7 @@ import time
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -97,6 +98,22 @@ def test_divergence_stops_with_a_clear_message_and_keeps_the_good_checkpoint(mni
                                                                False))))
   rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
   assert [r["epoch"] for r in rows] == ["0"]  # only the good epoch was recorded
+
+
+@pytest.mark.parametrize("schedule", [False, True])
+def test_divergence_message_names_the_learning_rate_under_a_strategy(schedule):
+  # Under a distribution strategy the optimizer's variables are distributed variables, which
+  # float() does not take; the message must still say the rate to lower.
+  learning_rate = (keras.optimizers.schedules.ExponentialDecay(3e-4, 10, 0.5) if schedule
+                   else 3e-4)  # a schedule at step 0 is at its initial rate
+  with tf.distribute.MirroredStrategy(["/cpu:0"]).scope():
+    vae = tfvae.VAE(tfvae.ModelConfig(image_shape=(8, 8, 1), latent_size=2, hidden_sizes=(4,)))
+    vae.compile(optimizer=tfvae.optimizers.FusedAdam(learning_rate))
+  callback = training.StopOnNonFinite()
+  callback.set_model(vae)
+  with pytest.raises(training.NonFiniteLossError,
+                     match=r"^kl became inf at step 3;.*--learning_rate \(now 0\.0003\)"):
+    callback.on_train_batch_end(2, {"loss": 1.0, "kl": float("inf")})
 
 
 def test_absurd_learning_rate_on_the_command_line_exports_nothing(data_dir, tmp_path):

@@ -230,11 +230,13 @@ class StopOnNonFinite(keras.callbacks.Callback):
             f" Try a lower --learning_rate (now {self._learning_rate()}), or a likelihood that"
             f" suits the data (bernoulli for binary pixels, gaussian for grey levels)")
 
-  def _learning_rate(self):
+  def _learning_rate(self) -> str:
     try:
-      return f"{float(self.model.optimizer.learning_rate):g}"
+      # convert_to_numpy: float() fails on a variable created under a distribution strategy.
+      # A schedule's learning_rate is its current value.
+      return f"{float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)):g}"
     except (TypeError, ValueError, AttributeError):
-      return "a schedule"
+      return "unknown"
 
   def on_train_batch_end(self, batch, logs=None):
     self._check(logs, f"at step {batch + 1}")
