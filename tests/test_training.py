@@ -153,4 +153,4 @@ def test_steps_per_execution_divides_the_epoch():
   assert training.choose_steps_per_execution(469, 100) == 67  # 469 = 7 x 67
   assert training.choose_steps_per_execution(600, 100) == 100
   assert training.choose_steps_per_execution(17, 100) == 17
-  assert training.choose_steps_per_execution(600, 100, num_replicas=2) == 1
+  assert training.choose_steps_per_execution(600, 100, distributed=True) == 1

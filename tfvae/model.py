@@ -173,7 +173,8 @@ class VAE(keras.Model):
     if self._has_block_rank(x):
       # Keras also calls the model on a first element to build it under a distribution strategy.
       raise ValueError(f"VAE.call takes a batch [B, H, W, C], not a block of batches {x.shape};"
-                       f" blocks are for fit and evaluate on one replica: {_FEED_BATCHES}")
+                       f" blocks are for fit and evaluate without a distribution strategy:"
+                       f" {_FEED_BATCHES}")
     posterior = self.encoder(x, training=training)
     reconstruction = self.decoder(posterior.mean(), training=training).mean()
     return {"latent_mean": posterior.mean(), "latent_scale": posterior.stddev(),
@@ -246,13 +247,15 @@ class VAE(keras.Model):
     return len(x.shape) == len(self.model_config.image_shape) + 2
 
   def _is_block(self, x: tf.Tensor) -> bool:
-    """Whether x is a block of K batches; a block under several replicas is an error."""
+    """Whether x is a block of K batches; a block under a distribution strategy is an error."""
     if not self._has_block_rank(x):
       return False
-    replicas = tf.distribute.get_replica_context().num_replicas_in_sync
-    if replicas > 1:
-      raise ValueError(f"a block of batches {x.shape} trains on one replica, but this strategy"
-                       f" has {replicas}; {_FEED_BATCHES}")
+    if tf.distribute.has_strategy():
+      # Even with one replica: the optimizer's cross-replica update cannot run in a graph loop.
+      strategy = tf.distribute.get_strategy()
+      raise ValueError(f"a block of batches {x.shape} trains only without a distribution"
+                       f" strategy, but this is {type(strategy).__name__} with"
+                       f" {strategy.num_replicas_in_sync} replica(s); {_FEED_BATCHES}")
     return True
 
   def _for_each_batch(self, step, x, sample_weight) -> None:
@@ -291,7 +294,7 @@ class VAE(keras.Model):
     A block is K batches in order (tfvae.data.train_pipeline(..., steps_per_block=K)): the
     same updates, noise and metrics as K calls with one batch each, without a trip through the
     input pipeline per step. Sample weights, if any, are [M] per batch or [K, M] per block.
-    Blocks train on one replica only.
+    Blocks train only without a distribution strategy.
     """
     x, _, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
     self._for_each_batch(self._train_batch, x, sample_weight)

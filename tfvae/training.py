@@ -106,19 +106,21 @@ def configure_threads(train_config: TrainConfig, step_shards: int) -> None:
     logging.info("Keeping TensorFlow's threads per op (%s); it was initialized already.", e)
 
 
-def choose_steps_per_execution(steps_per_epoch: int, limit: int, num_replicas: int = 1) -> int:
-  """The largest divisor of steps_per_epoch up to limit; 1 with several replicas.
+def choose_steps_per_execution(steps_per_epoch: int, limit: int,
+                               distributed: bool = False) -> int:
+  """The largest divisor of steps_per_epoch up to limit; 1 under a distribution strategy.
 
   train() feeds the model blocks of this many batches (VAE.train_step takes a block's steps in
   one graph loop), so every epoch must be whole blocks: a block that overran the epoch would
   shift every later epoch's data.
   """
-  if num_replicas > 1 and limit > 1:
-    # A block is one replica's work (Keras would split it across replicas), and Keras 3.15's own
-    # multi-step loop fails under tf.distribute replicas ("You must feed a value for placeholder
-    # tensor ... while/cond"); one step per call works.
-    logging.warning("steps_per_execution=%d is not supported with %d replicas; using 1.",
-                    limit, num_replicas)
+  if distributed and limit > 1:
+    # Under tf.distribute the optimizer's update is a cross-replica merge_call, which
+    # TensorFlow does not allow inside the block's graph loop, even with one replica; and
+    # Keras 3.15's own multi-step loop fails under replicas ("You must feed a value for
+    # placeholder tensor ... while/cond"). One step per call works.
+    logging.warning("steps_per_execution=%d is not supported under a distribution strategy;"
+                    " using 1.", limit)
     return 1
   return max(d for d in range(1, min(limit, steps_per_epoch) + 1) if steps_per_epoch % d == 0)
 
@@ -367,7 +369,7 @@ def train(model_config: ModelConfig, train_config: TrainConfig, workdir: str | o
   # Each call into the compiled graph takes one block of this many steps, fed as one element
   # [K, M, H, W, C]: a tf.data element per step cost about 15% of the speed on a 2-core CPU.
   steps_per_block = choose_steps_per_execution(steps, train_config.steps_per_execution,
-                                               strategy.num_replicas_in_sync)
+                                               distributed=train_config.strategy != "default")
   blocks_per_epoch = steps // steps_per_block  # what Keras counts as steps
   train_data = data_lib.train_pipeline(dataset.x_train, train_config.batch_size,
                                        train_config.seed,
