@@ -13,8 +13,8 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
-def _run(script, *args, data_dir=None, cwd=None, timeout=600):
-  env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+def _run(script, *args, data_dir=None, cwd=None, timeout=600, env=None):
+  env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", **(env or {})}
   if data_dir:
     env["TFVAE_DATA_DIR"] = str(data_dir)
   return subprocess.run([sys.executable, str(ROOT / "bin" / script), *args], capture_output=True,
@@ -119,13 +119,25 @@ def test_flagfile(data_dir, tmp_path):
     (["--hidden_sizes=500,abc"], "must be integers"),
     (["--dataset=npz:/nonexistent/file.npz"], "/nonexistent/file.npz"),
     (["stray"], "unexpected arguments"),
+    (["--strategy=tpu"], "strategy=tpu found no TPU"),
+    # TF_CONFIG that is not JSON, without a task, with a task outside the cluster:
+    (["--strategy=multi_worker", "TF_CONFIG=not json"], "Expecting value"),
+    (["--strategy=multi_worker", 'TF_CONFIG={"cluster": {"worker": ["127.0.0.1:1"]}}'],
+     "you must also specify `task_type`"),
+    (["--strategy=multi_worker", 'TF_CONFIG={"cluster": {"worker": ["127.0.0.1:1"]},'
+      ' "task": {"type": "worker", "index": 3}}'], "task_id` 3 exceeds"),
 ])
 def test_bad_flags_fail_at_start_with_one_clear_line(args, phrase, tmp_path, data_dir):
-  result = _run("train", *args, f"--workdir={tmp_path}/w", f"--export_dir={tmp_path}/m",
-                data_dir=data_dir, timeout=120)
+  env = dict(arg.split("=", 1) for arg in args if arg.startswith("TF_CONFIG="))
+  flags = [arg for arg in args if not arg.startswith("TF_CONFIG=")]
+  result = _run("train", *flags, f"--workdir={tmp_path}/w", f"--export_dir={tmp_path}/m",
+                data_dir=data_dir, timeout=120, env=env)
   assert result.returncode != 0
   errors = [line for line in result.stderr.splitlines() if "rror" in line]
   assert any(phrase in line for line in errors), result.stderr[-2000:]
+  if env:  # and the message says what TF_CONFIG should hold
+    assert any("Set TF_CONFIG on each machine" in line for line in errors), errors
+  assert "Traceback" not in result.stderr
   assert not (tmp_path / "w").exists()  # failed before any work
 
 

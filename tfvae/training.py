@@ -125,18 +125,38 @@ def choose_steps_per_execution(steps_per_epoch: int, limit: int,
   return max(d for d in range(1, min(limit, steps_per_epoch) + 1) if steps_per_epoch % d == 0)
 
 
+_TF_CONFIG_EXAMPLE = ('{"cluster": {"worker": ["host1:12345", "host2:12345"]},'
+                      ' "task": {"type": "worker", "index": 0}}')
+
+
 def make_strategy(name: str) -> tf.distribute.Strategy:
-  """default | mirrored (all local devices) | multi_worker (TF_CONFIG) | tpu."""
+  """default | mirrored (all local devices) | multi_worker (TF_CONFIG) | tpu.
+
+  Raises:
+    ConfigError: TF_CONFIG is not a valid cluster, or no TPU is found.
+  """
   if name == "default":
     return tf.distribute.get_strategy()
   if name == "mirrored":
     return tf.distribute.MirroredStrategy()
   if name == "multi_worker":
-    return tf.distribute.MultiWorkerMirroredStrategy()
+    try:
+      return tf.distribute.MultiWorkerMirroredStrategy()
+    except ValueError as e:  # TF_CONFIG that is not JSON, or names no valid task
+      raise ConfigError(
+          f"strategy=multi_worker cannot use TF_CONFIG={os.environ.get('TF_CONFIG')!r}: {e}."
+          f" Set TF_CONFIG on each machine to the cluster and that machine's task, e.g."
+          f" {_TF_CONFIG_EXAMPLE} (index 1 on the second), or unset it to train on this"
+          f" machine alone") from e
   if name == "tpu":
-    resolver = tf.distribute.cluster_resolver.TPUClusterResolver()
-    tf.config.experimental_connect_to_cluster(resolver)
-    tf.tpu.experimental.initialize_tpu_system(resolver)
+    try:
+      resolver = tf.distribute.cluster_resolver.TPUClusterResolver()
+      tf.config.experimental_connect_to_cluster(resolver)
+      tf.tpu.experimental.initialize_tpu_system(resolver)
+    except (ValueError, RuntimeError, tf.errors.OpError) as e:
+      raise ConfigError(f"strategy=tpu found no TPU ({e}): run on a Cloud TPU VM, or set"
+                        f" TPU_NAME to the TPU's name or grpc:// address; without a TPU, use"
+                        f" --strategy=default or mirrored") from e
     return tf.distribute.TPUStrategy(resolver)
   raise ConfigError(f"strategy={name!r} is not one of default, mirrored, multi_worker, tpu")
 
