@@ -102,6 +102,42 @@ def test_sample_writes_a_png(trained_run, tmp_path):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def _bad_checkpoints(good: pathlib.Path, folder: pathlib.Path) -> dict[str, pathlib.Path]:
+  import keras
+  truncated = folder / "truncated.keras"  # a copy cut short, as a full disk leaves one
+  truncated.write_bytes(good.read_bytes()[:2000])
+  other = folder / "other.keras"
+  keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)]).save(other)
+  return {"truncated": truncated, "other": other, "csv": good.parent / "metrics.csv"}
+
+
+def test_load_vae_names_what_is_wrong_with_the_file_and_the_fix(trained_run, tmp_path):
+  from tfvae import cli, config
+  good = trained_run[0] / "work" / "last.keras"
+  assert cli.load_vae(good, "model").model_config.latent_size == 2
+  bad = _bad_checkpoints(good, tmp_path)
+  for name, phrase in (("truncated", "is not a .keras zip archive (truncated or corrupt?)"),
+                       ("other", "holds a Sequential, not a tfvae.VAE"),
+                       ("csv", "metrics.csv: not a .keras file")):
+    with pytest.raises(config.ConfigError) as error:
+      cli.load_vae(bad[name], "model")
+    assert phrase in str(error.value) and "pass --model=<workdir>/last.keras" in str(error.value)
+
+
+@pytest.mark.parametrize("script, flag", [("evaluate", "model"), ("sample", "model"),
+                                          ("export", "checkpoint")])
+def test_scripts_reject_a_bad_checkpoint_with_one_line(script, flag, trained_run, tmp_path,
+                                                      data_dir):
+  bad = _bad_checkpoints(trained_run[0] / "work" / "last.keras", tmp_path)
+  extra = {"evaluate": "--max_examples=10", "sample": f"--output={tmp_path}/out.png",
+           "export": f"--export_dir={tmp_path}/models"}[script]
+  for name in ("truncated", "other"):
+    result = _run(script, f"--{flag}={bad[name]}", extra, data_dir=data_dir, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert f"{script}: error: {bad[name]}" in result.stderr and f"pass --{flag}=" in result.stderr
+  assert not (tmp_path / "models").exists() and not (tmp_path / "out.png").exists()
+
+
 def test_flagfile(data_dir, tmp_path):
   flagfile = tmp_path / "quick.flags"
   flagfile.write_text("--max_examples=200\n--epochs=1\n--hidden_sizes=16\n--latent_size=0\n")

@@ -6,7 +6,9 @@ FLAGS. It lives in the package (not in bin/) so that installed scripts find it.
 
 from __future__ import annotations
 
+import pathlib
 import sys
+import zipfile
 
 from absl import flags, logging
 
@@ -89,6 +91,27 @@ def train_config_from_flags() -> config.TrainConfig:
       eval_num_samples=FLAGS.eval_num_samples, strategy=FLAGS.strategy,
       mixed_precision=FLAGS.mixed_precision, steps_per_execution=FLAGS.steps_per_execution,
       step_shards=FLAGS.step_shards, intra_op_threads=FLAGS.intra_op_threads)
+
+
+def load_vae(path: str | pathlib.Path, flag: str):
+  """The tfvae.VAE in a .keras file written by bin/train; ConfigError names the flag's fix.
+
+  Keras's own errors here mislead: a truncated file reads "File not found", and another
+  model loads and fails later on a missing attribute.
+  """
+  path = pathlib.Path(path)
+  fix = f"pass --{flag}=<workdir>/last.keras or best.keras, as bin/train writes them"
+  if path.suffix != ".keras" or not path.is_file():
+    raise config.ConfigError(f"{path}: not a .keras file; {fix}")
+  if not zipfile.is_zipfile(path):
+    raise config.ConfigError(f"{path} is not a .keras zip archive (truncated or corrupt?); {fix}")
+  import keras
+
+  from tfvae.model import VAE
+  vae = keras.saving.load_model(path)
+  if not isinstance(vae, VAE):
+    raise config.ConfigError(f"{path} holds a {type(vae).__name__}, not a tfvae.VAE; {fix}")
+  return vae
 
 
 def start(argv) -> None:
