@@ -68,6 +68,30 @@ def test_fit_from_user_code_with_numpy_arrays(binary_batch):
   assert vae.encoder(x).mean().shape == (32, 2)
 
 
+def test_fit_and_evaluate_reject_numpy_pixels_the_model_would_misread(binary_batch):
+  vae = tfvae.VAE(tfvae.ModelConfig(latent_size=2, hidden_sizes=(16,)))
+  vae.compile(optimizer="adam")
+  weights = [w.numpy() for w in vae.weights]
+  grey_255 = binary_batch * 255  # float 0..255, not scaled
+  nan = binary_batch.copy()
+  nan[0, 0, 0, 0] = np.nan
+  binary_uint8 = binary_batch.astype(np.uint8)  # 0/1 as uint8, read as almost black
+  for call, phrase in (
+      (lambda: vae.fit(grey_255, epochs=1, verbose=0),
+       r"VAE.fit x: values in \[0, 255\]; .*\(divide by 255\?\)"),
+      (lambda: vae.fit(binary_batch, validation_data=(grey_255,), verbose=0),
+       r"VAE.fit validation_data: values in \[0, 255\]"),
+      (lambda: vae.fit(binary_batch, validation_data=grey_255, verbose=0),
+       r"VAE.fit validation_data: values in \[0, 255\]"),
+      (lambda: vae.fit(nan, verbose=0), r"VAE.fit x: 1 NaN or Inf pixels"),
+      (lambda: vae.fit(binary_uint8, verbose=0), r"VAE.fit x: uint8 pixels are only 0 and 1"),
+      (lambda: vae.evaluate(grey_255, verbose=0), r"VAE.evaluate x: values in \[0, 255\]")):
+    with pytest.raises(data.DataError, match=phrase):
+      call()
+  for before, after in zip(weights, vae.weights, strict=True):  # nothing ran
+    np.testing.assert_array_equal(before, after.numpy())
+
+
 def test_sample_weights_weight_the_per_example_mean(binary_batch):
   vae = tfvae.VAE(tfvae.ModelConfig(latent_size=2, hidden_sizes=(16,)))
   vae.compile(optimizer="adam")

@@ -11,12 +11,13 @@ from __future__ import annotations
 from typing import Any
 
 import keras
+import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
 
 from tfvae import distributions, networks, objectives
 from tfvae.config import ModelConfig
-from tfvae.data import to_unit_float
+from tfvae.data import check_images, to_unit_float
 
 tfd = tfp.distributions
 
@@ -306,6 +307,25 @@ class VAE(keras.Model):
     self._for_each_batch(self._test_batch, x, sample_weight)
     return self._logs()
 
+  def fit(self, x=None, y=None, *args, validation_data=None, **kwargs):
+    """keras.Model.fit; numpy images (x, validation_data) are checked first.
+
+    Raises:
+      tfvae.data.DataError: numpy images with NaN or Inf, floats outside [0, 1] (e.g. 0..255
+        as floats), or uint8 holding only 0 and 1.
+    """
+    _check_numpy_images(x, "VAE.fit x")
+    if isinstance(validation_data, (tuple, list)) and validation_data:
+      _check_numpy_images(validation_data[0], "VAE.fit validation_data")
+    else:
+      _check_numpy_images(validation_data, "VAE.fit validation_data")
+    return super().fit(x, y, *args, validation_data=validation_data, **kwargs)
+
+  def evaluate(self, x=None, *args, **kwargs):
+    """keras.Model.evaluate; numpy images are checked first, as in fit."""
+    _check_numpy_images(x, "VAE.evaluate x")
+    return super().evaluate(x, *args, **kwargs)
+
   @property
   def metrics(self):
     return [self._term_means]
@@ -320,6 +340,15 @@ class VAE(keras.Model):
   def get_config(self):
     return {**super().get_config(), "model_config": self.model_config.to_dict(),
             "seed": self.seed, "step_shards": self.step_shards}
+
+
+def _check_numpy_images(x, source: str) -> None:
+  """tfvae.data.check_images for numpy arrays: the pixel range the model reads.
+
+  Tensors and datasets pass unchecked; checking them would cost every step.
+  """
+  if isinstance(x, np.ndarray):
+    check_images(x, source)
 
 
 def _multi_worker(strategy) -> bool:
