@@ -90,6 +90,10 @@ def test_fit_and_evaluate_reject_numpy_pixels_the_model_would_misread(binary_bat
       call()
   for before, after in zip(weights, vae.weights, strict=True):  # nothing ran
     np.testing.assert_array_equal(before, after.numpy())
+  # Keras's positional arguments still reach fit (y, batch_size, epochs, verbose, callbacks,
+  # validation_split, validation_data).
+  history = vae.fit(binary_batch, None, 8, 1, 0, None, 0.0, binary_batch)
+  assert "val_loss" in history.history
 
 
 def test_sample_weights_weight_the_per_example_mean(binary_batch):

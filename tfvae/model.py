@@ -307,19 +307,19 @@ class VAE(keras.Model):
     self._for_each_batch(self._test_batch, x, sample_weight)
     return self._logs()
 
-  def fit(self, x=None, y=None, *args, validation_data=None, **kwargs):
-    """keras.Model.fit; numpy images (x, validation_data) are checked first.
+  def fit(self, x=None, *args, **kwargs):
+    """keras.Model.fit; numpy images (x, and validation_data passed by name) are checked first.
 
     Raises:
       tfvae.data.DataError: numpy images with NaN or Inf, floats outside [0, 1] (e.g. 0..255
         as floats), or uint8 holding only 0 and 1.
     """
     _check_numpy_images(x, "VAE.fit x")
+    validation_data = kwargs.get("validation_data")
     if isinstance(validation_data, (tuple, list)) and validation_data:
-      _check_numpy_images(validation_data[0], "VAE.fit validation_data")
-    else:
-      _check_numpy_images(validation_data, "VAE.fit validation_data")
-    return super().fit(x, y, *args, validation_data=validation_data, **kwargs)
+      validation_data = validation_data[0]
+    _check_numpy_images(validation_data, "VAE.fit validation_data")
+    return super().fit(x, *args, **kwargs)
 
   def evaluate(self, x=None, *args, **kwargs):
     """keras.Model.evaluate; numpy images are checked first, as in fit."""
