@@ -1,4 +1,4 @@
-"""Shared fixtures: the data folder, a small real MNIST slice, and a tiny model config."""
+"""Shared fixtures: the data folder, a small real MNIST slice, toy datasets, a tiny model config."""
 
 import os
 import pathlib
@@ -48,3 +48,15 @@ def small_config():
 def binary_batch():
   rng = np.random.default_rng(0)
   return (rng.random((8, 28, 28, 1)) < 0.3).astype(np.float32)
+
+
+@pytest.fixture
+def toy_dataset():
+  """make(seed, num_train, num_test): a Dataset of random uint8 [N, 8, 8, 1] images."""
+  from tfvae import data
+
+  def make(seed: int, num_train: int, num_test: int):
+    rng = np.random.default_rng(seed)
+    return data.Dataset("npz:toy", rng.integers(0, 256, (num_train, 8, 8, 1), dtype=np.uint8),
+                        rng.integers(0, 256, (num_test, 8, 8, 1), dtype=np.uint8), False)
+  return make

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import tfvae
-from tfvae import data, training
+from tfvae import training
 
 _TRAIN = r"""
 import json, sys
@@ -136,13 +136,11 @@ def test_blocks_of_batches_under_mirrored_fail_with_the_fix():
 
 
 @pytest.mark.parametrize("strategy", ["mirrored", "multi_worker"])
-def test_a_strategy_with_one_replica_trains_as_without_one(strategy, tmp_path):
+def test_a_strategy_with_one_replica_trains_as_without_one(strategy, tmp_path, toy_dataset):
   # mirrored on a machine with one device, multi_worker without TF_CONFIG. Blocks of batches
   # cannot run under a strategy (the optimizer's cross-replica update is not allowed in a graph
   # loop), so train() feeds one batch per step there; the training is the same.
-  rng = np.random.default_rng(5)
-  dataset = data.Dataset("npz:toy", rng.integers(0, 256, (320, 8, 8, 1), dtype=np.uint8),
-                         rng.integers(0, 256, (32, 8, 8, 1), dtype=np.uint8), False)
+  dataset = toy_dataset(5, 320, 32)
   config = training.model_config_for(dataset, latent_size=2, hidden_sizes=(16,))
   results = {}
   for name in ("default", strategy):

@@ -11,10 +11,8 @@ import tfvae
 from tfvae import data, export, training
 
 
-def test_every_epoch_is_exactly_one_pass_whatever_steps_per_execution(tmp_path):
-  rng = np.random.default_rng(0)
-  dataset = data.Dataset("npz:toy", rng.integers(0, 256, (1700, 8, 8, 1), dtype=np.uint8),
-                         rng.integers(0, 256, (50, 8, 8, 1), dtype=np.uint8), False)
+def test_every_epoch_is_exactly_one_pass_whatever_steps_per_execution(tmp_path, toy_dataset):
+  dataset = toy_dataset(0, 1700, 50)
   config = training.model_config_for(dataset, latent_size=2, hidden_sizes=(8,))
   # 17 steps per epoch; a block of 20 (or 5) steps would overrun each epoch.
   for requested in (20, 5):
@@ -37,10 +35,9 @@ def test_results_and_pictures_are_written(tmp_path):
     assert (tmp_path / name).is_file()
 
 
-def test_mixed_precision_computes_in_16_bits_and_keeps_the_objective_float32(tmp_path):
-  rng = np.random.default_rng(2)
-  dataset = data.Dataset("npz:toy", rng.integers(0, 256, (300, 8, 8, 1), dtype=np.uint8),
-                         rng.integers(0, 256, (30, 8, 8, 1), dtype=np.uint8), False)
+def test_mixed_precision_computes_in_16_bits_and_keeps_the_objective_float32(tmp_path,
+                                                                             toy_dataset):
+  dataset = toy_dataset(2, 300, 30)
   config = training.model_config_for(dataset, latent_size=2, hidden_sizes=(16,))
   result = training.train(config, tfvae.TrainConfig(epochs=2, mixed_precision=True), tmp_path,
                           dataset=dataset, verbose=0)
@@ -54,13 +51,11 @@ def test_mixed_precision_computes_in_16_bits_and_keeps_the_objective_float32(tmp
   assert keras.mixed_precision.global_policy().name == "float32"  # restored
 
 
-def test_mixed_float16_as_on_a_gpu_scales_the_loss_through_the_optimizer(tmp_path,
-                                                                        monkeypatch):
+def test_mixed_float16_as_on_a_gpu_scales_the_loss_through_the_optimizer(tmp_path, monkeypatch,
+                                                                        toy_dataset):
   # The GPU branch of --mixed_precision, run on the CPU (TensorFlow has float16 CPU kernels).
   monkeypatch.setattr(training, "mixed_precision_policy", lambda: "mixed_float16")
-  rng = np.random.default_rng(3)
-  dataset = data.Dataset("npz:toy", rng.integers(0, 256, (320, 8, 8, 1), dtype=np.uint8),
-                         rng.integers(0, 256, (32, 8, 8, 1), dtype=np.uint8), False)
+  dataset = toy_dataset(3, 320, 32)
   config = training.model_config_for(dataset, latent_size=2, hidden_sizes=(16,))
   train_config = tfvae.TrainConfig(epochs=3, batch_size=32, eval_num_samples=0)
   half = training.train(config, dataclasses.replace(train_config, mixed_precision=True),
