@@ -11,6 +11,13 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import tensorflow as tf  # noqa: E402
+
+# float32 is float32 in the tests on any machine. On a recent NVIDIA GPU TensorFlow multiplies
+# float32 matrices in TensorFloat-32 by default (a 10-bit mantissa: about 3e-4 relative error
+# per product on an H100), past the tolerances at which tests compare two float32 computations.
+tf.config.experimental.enable_tensor_float_32_execution(False)
+
 
 @pytest.fixture(scope="session")
 def data_dir() -> pathlib.Path:

@@ -35,7 +35,9 @@ print(json.dumps({"test_elbo": result.test_metrics["elbo"], "chief": result.is_c
 
 
 def _env(**extra):
-  return {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", **extra}
+  # CPUs only, also on a machine with a GPU: the strategies here replicate over logical CPUs,
+  # and two worker processes must not both claim one GPU.
+  return {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": "", **extra}
 
 
 def _result(completed):
