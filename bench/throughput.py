@@ -45,7 +45,7 @@ flags.DEFINE_bool("torch_compile", True,
                   "Also time the PyTorch loop under torch.compile (needs a C++ compiler).")
 flags.DEFINE_bool("mixed_precision", False,
                   "Also time tfvae (b) under --mixed_precision (bfloat16 on a CPU, float16 on a"
-                  " GPU; with a GPU, pass --notorch: the PyTorch loops run on the CPU).")
+                  " GPU).")
 flags.DEFINE_bool("ceiling_only", False, "Print the matmul ceiling (GFLOP/s) and exit.")
 FLAGS = flags.FLAGS
 
@@ -132,14 +132,17 @@ def torch_trainer(x, adam="fused", compiled=False, batch_size=128):
   Tensors preloaded, a fresh permutation each epoch, full batches only (as tfvae trains).
   `adam` names a TORCH_ADAM implementation; `compiled` puts the forward pass and the loss
   under torch.compile (inductor, which needs a C++ compiler; AOTAutograd compiles the backward).
-  Returns (run_epoch, examples per epoch, torch version, torch threads); run_epoch() trains one
-  epoch (or its first `steps` steps) and returns (seconds, mean training loss).
+  On a machine with a CUDA GPU the model, the data and the permutations live on the GPU.
+  Returns (run_epoch, examples per epoch, torch version, where it runs: its CPU threads or
+  "cuda"); run_epoch() trains one epoch (or its first `steps` steps) and returns (seconds, mean
+  training loss).
   """
   import torch
   from torch import nn
   from torch.nn import functional
 
   torch.manual_seed(0)
+  device = "cuda" if torch.cuda.is_available() else "cpu"
 
   class VAE(nn.Module):
     def __init__(self):
@@ -153,9 +156,9 @@ def torch_trainer(x, adam="fused", compiled=False, batch_size=128):
       z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
       return self.fc4(functional.relu(self.fc3(z))), mu, logvar
 
-  model = VAE()
+  model = VAE().to(device)
   optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, **TORCH_ADAM[adam])
-  data = torch.from_numpy(x.reshape(len(x), 784).astype(np.float32) / np.float32(255))
+  data = torch.from_numpy(x.reshape(len(x), 784).astype(np.float32) / np.float32(255)).to(device)
   steps_per_epoch = len(data) // batch_size
 
   def batch_loss(batch):
@@ -169,17 +172,19 @@ def torch_trainer(x, adam="fused", compiled=False, batch_size=128):
 
   def run_epoch(steps=steps_per_epoch):
     start = time.perf_counter()
-    order = torch.randperm(len(data))
-    total = torch.zeros([])
+    order = torch.randperm(len(data), device=device)
+    total = torch.zeros([], device=device)
     for i in range(steps):
       loss = batch_loss(data[order[i * batch_size:(i + 1) * batch_size]])
       optimizer.zero_grad()
       loss.backward()
       optimizer.step()
       total += loss.detach()
-    return time.perf_counter() - start, total.item() / steps
+    mean_loss = total.item() / steps  # waits for the GPU, if any, to finish the epoch
+    return time.perf_counter() - start, mean_loss
 
-  return run_epoch, steps_per_epoch * batch_size, torch.__version__, torch.get_num_threads()
+  where = "cuda" if device == "cuda" else f"{torch.get_num_threads()} threads"
+  return run_epoch, steps_per_epoch * batch_size, torch.__version__, where
 
 
 def interleaved_rates(trainers, rounds):
@@ -268,11 +273,11 @@ def torch_trainers(x):
   trainers = {}
   for adam, compiled in variants:
     try:
-      run_epoch, examples, version, threads = torch_trainer(x, adam, compiled)
+      run_epoch, examples, version, where = torch_trainer(x, adam, compiled)
     except ImportError:
       print("torch is not installed: pip install torch==2.13.0 for the comparison")
       return {}
-    label = (f"PyTorch {version} ({threads} threads) (b), {adam} Adam"
+    label = (f"PyTorch {version} ({where}) (b), {adam} Adam"
              + (", torch.compile" if compiled else ""))
     if compiled:
       try:
