@@ -172,6 +172,22 @@ def test_dynamic_binarization_changes_each_epoch_and_keeps_the_mean(mnist_slice)
   np.testing.assert_array_equal(floats.numpy(), first / 255)  # same draws, float 0/1
 
 
+def test_dynamic_binarization_draws_each_grey_level_with_its_probability():
+  # 40 copies of an image whose pixel j has grey level j, so the order of the images in a batch
+  # does not matter; 40 epochs of one batch each: 1600 draws x ~ Bernoulli(p / 255) per level p.
+  images = np.tile(np.arange(256, dtype=np.uint8), (40, 1)).reshape(40, 256, 1, 1)
+  pipeline = data.train_pipeline(images, 40, seed=3, dynamic_binarization=True, num_epochs=40)
+  white = sum((batch.numpy() == 255).sum(axis=0).ravel() for batch in pipeline)
+  frequency, p = white / 1600, np.arange(256) / 255
+  assert frequency[0] == 0 and frequency[255] == 1  # black stays black, white stays white
+  # Within 4.5 standard deviations for every level (one level past that: about 1 in 500 seeds).
+  sigma = np.sqrt(p * (1 - p) / 1600)
+  assert np.all(np.abs(frequency - p)[1:255] < 4.5 * sigma[1:255]), np.abs(frequency - p).max()
+  # All levels together: a chi-square of 254 degrees of freedom (mean 254, sd 22.5).
+  chi2 = np.sum(((frequency - p)[1:255] / sigma[1:255]) ** 2)
+  assert chi2 < 254 + 5 * 22.5, chi2
+
+
 def test_each_epoch_is_full_batches_of_a_fresh_permutation():
   images = np.arange(10, dtype=np.float32).reshape(10, 1, 1, 1)
   pipeline = data.train_pipeline(images, 4, seed=1, dynamic_binarization=False, num_epochs=400)
