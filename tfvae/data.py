@@ -420,7 +420,7 @@ def train_pipeline(images: np.ndarray, batch_size: int, seed: int, dynamic_binar
         uniform = tf.random.stateless_uniform(batch_shape, seed=noise_seed, maxval=255.0)
         return tf.cast(uniform < tf.cast(images, tf.float32), tf.uint8) * 255
       uniform = tf.random.stateless_uniform(batch_shape, seed=noise_seed)
-      return tf.cast(uniform < images, images.dtype)
+      return tf.cast(uniform < tf.cast(images, tf.float32), images.dtype)
 
     # On parallel threads: one core binarizing alone would starve a GPU (docs/BENCHMARKS.md).
     batches = tf.data.Dataset.range(num_batches).map(
