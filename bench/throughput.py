@@ -82,11 +82,13 @@ def default_threads_ceiling():
   return float(output.strip().splitlines()[-1])
 
 
-def tfvae_trainer(x, hidden, activation, batch_size, mixed_precision=False):
+def tfvae_trainer(x, hidden, activation, batch_size, mixed_precision=False,
+                  dynamic_binarization=False):
   """tfvae as bin/train runs it (its optimizer, batch shards, blocks of steps per call, precision).
 
-  Returns (run_epoch, examples per epoch); run_epoch() trains one epoch and returns
-  (seconds, mean training loss).
+  The pipeline binarizes x afresh each epoch if dynamic_binarization (as bin/train does for
+  MNIST), else feeds x as it is. Returns (run_epoch, examples per epoch); run_epoch() trains one
+  epoch and returns (seconds, mean training loss).
   """
   import keras
 
@@ -101,7 +103,7 @@ def tfvae_trainer(x, hidden, activation, batch_size, mixed_precision=False):
                                       activation=activation),
                     step_shards=training.default_step_shards())
     vae.compile(optimizer=training.make_optimizer(train_config))
-  pipeline = data.train_pipeline(x, batch_size, seed=0, dynamic_binarization=False,
+  pipeline = data.train_pipeline(x, batch_size, seed=0, dynamic_binarization=dynamic_binarization,
                                  steps_per_block=steps_per_block)
   epochs = []  # (seconds, mean training loss)
 
