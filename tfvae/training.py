@@ -67,10 +67,7 @@ def make_optimizer(config: TrainConfig) -> keras.optimizers.Optimizer:
 
 
 def _num_cores() -> int:
-  try:
-    return len(os.sched_getaffinity(0))  # the cores this process may run on
-  except AttributeError:  # not on Linux
-    return os.cpu_count() or 1
+  return data_lib.available_cores()
 
 
 def default_step_shards() -> int:
