@@ -431,7 +431,7 @@ def train_pipeline(images: np.ndarray, batch_size: int, seed: int, dynamic_binar
       uniform = tf.random.stateless_uniform(batch_shape, seed=noise_seed)
       return tf.cast(uniform < tf.cast(images, tf.float32), images.dtype)
 
-    # On parallel threads: one core binarizing alone would starve a GPU (docs/BENCHMARKS.md).
+    # On parallel threads: one core binarizes fewer images/s than a GPU trains on (BENCHMARKS.md).
     batches = tf.data.Dataset.range(num_batches).map(
         load_batch, num_parallel_calls=_PIPELINE_THREADS, deterministic=True)
     # [K, M, H, W, C]; K divides the epoch, so no block spans two epochs and none is short
