@@ -133,9 +133,9 @@ def test_mixed_precision_warns_on_a_cpu_without_bfloat16(tmp_path, monkeypatch, 
 
 
 def test_threads_and_shards_defaults_for_this_machine(monkeypatch):
-  monkeypatch.setattr(training, "_num_cores", lambda: 1)
+  monkeypatch.setattr(data, "available_cores", lambda: 1)
   assert training.default_step_shards() == 1  # one core: nothing to run concurrently
-  monkeypatch.setattr(training, "_num_cores", lambda: 8)
+  monkeypatch.setattr(data, "available_cores", lambda: 8)
   no_accelerator = not tf.config.list_physical_devices("GPU")
   assert training.default_step_shards() == (2 if no_accelerator else 1)
   # TensorFlow already ran ops in this test process: an explicit setting says so and how to

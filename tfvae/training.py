@@ -66,10 +66,6 @@ def make_optimizer(config: TrainConfig) -> keras.optimizers.Optimizer:
   }[config.optimizer](**kwargs)
 
 
-def _num_cores() -> int:
-  return data_lib.available_cores()
-
-
 def default_step_shards() -> int:
   """2 concurrent batch shards on a multi-core CPU-only machine, else 1 (whole batches).
 
@@ -78,7 +74,7 @@ def default_step_shards() -> int:
   cores busy without the per-op thread hand-offs. Accelerators want the whole batch.
   """
   accelerators = tf.config.list_physical_devices("GPU") + tf.config.list_physical_devices("TPU")
-  return 2 if not accelerators and _num_cores() >= 2 else 1
+  return 2 if not accelerators and data_lib.available_cores() >= 2 else 1
 
 
 def configure_threads(train_config: TrainConfig, step_shards: int) -> None:
@@ -90,7 +86,7 @@ def configure_threads(train_config: TrainConfig, step_shards: int) -> None:
   threads = train_config.intra_op_threads
   explicit = threads > 0
   if not explicit and step_shards > 1:
-    threads = max(1, _num_cores() // step_shards)
+    threads = max(1, data_lib.available_cores() // step_shards)
   if not threads:
     return
   try:
