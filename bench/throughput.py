@@ -83,28 +83,36 @@ def default_threads_ceiling():
 
 
 def tfvae_trainer(x, hidden, activation, batch_size, mixed_precision=False,
-                  dynamic_binarization=False):
+                  dynamic_binarization=False, strategy=None, steps_per_call=None):
   """tfvae as bin/train runs it (its optimizer, batch shards, blocks of steps per call, precision).
 
   The pipeline binarizes x afresh each epoch if dynamic_binarization (as bin/train does for
-  MNIST), else feeds x as it is. Returns (run_epoch, examples per epoch); run_epoch() trains one
-  epoch and returns (seconds, mean training loss).
+  MNIST), else feeds x as it is. Under a tf.distribute `strategy`, the model is built in its
+  scope and fed batches, steps_per_call of them per graph call (default: as bin/train chooses);
+  without one, blocks of that many batches. Returns (run_epoch, examples per epoch); run_epoch()
+  trains one epoch and returns (seconds, mean training loss).
   """
   import keras
+  import tensorflow as tf
 
   import tfvae
   from tfvae import data, training
   keras.utils.set_random_seed(0)
   train_config = tfvae.TrainConfig(batch_size=batch_size)
   steps = data.steps_per_epoch(len(x), batch_size)
-  steps_per_block = training.choose_steps_per_execution(steps, train_config.steps_per_execution)
-  with training.dtype_policy(mixed_precision):
+  steps_per_call = steps_per_call or training.choose_steps_per_execution(
+      steps, train_config.steps_per_execution)
+  steps_per_block = 1 if strategy else steps_per_call
+  with (strategy or tf.distribute.get_strategy()).scope(), training.dtype_policy(mixed_precision):
     vae = tfvae.VAE(tfvae.ModelConfig(latent_size=20, hidden_sizes=(hidden,),
                                       activation=activation),
                     step_shards=training.default_step_shards())
-    vae.compile(optimizer=training.make_optimizer(train_config))
+    vae.compile(optimizer=training.make_optimizer(train_config),
+                steps_per_execution=steps_per_call if strategy else 1)
   pipeline = data.train_pipeline(x, batch_size, seed=0, dynamic_binarization=dynamic_binarization,
                                  steps_per_block=steps_per_block)
+  if strategy and strategy.num_replicas_in_sync > 1:
+    pipeline = pipeline.map(data.to_unit_float)  # as train() feeds replicas
   epochs = []  # (seconds, mean training loss)
 
   class Timer(keras.callbacks.Callback):

@@ -30,6 +30,7 @@ result = training.train(config, tfvae.TrainConfig(epochs=4, strategy=strategy, s
                         workdir, dataset=dataset, verbose=0)
 print(json.dumps({"test_elbo": result.test_metrics["elbo"], "chief": result.is_chief,
                   "replicas": result.vae.distribute_strategy.num_replicas_in_sync,
+                  "steps_per_execution": result.vae.steps_per_execution,
                   "workdir": str(result.workdir)}))
 """
 
@@ -58,6 +59,7 @@ def test_mirrored_on_two_cpus_matches_one_device(single, data_dir, tmp_path):
                                      str(data_dir)], capture_output=True, text=True,
                                     timeout=600, env=_env()))
   assert mirrored["replicas"] == 2 and single["replicas"] == 1
+  assert mirrored["steps_per_execution"] == 30  # the epoch's 30 steps in one graph call
   # Same data, batches and initial weights; only the per-replica noise draws differ.
   assert abs(mirrored["test_elbo"] - single["test_elbo"]) < 0.02 * abs(single["test_elbo"]), (
       mirrored, single)
@@ -90,10 +92,52 @@ def test_two_workers_on_localhost_match_one_device(single, data_dir, tmp_path):
   chief, other = results
   assert chief["chief"] and not other["chief"]
   assert chief["replicas"] == other["replicas"] == 2
+  assert chief["steps_per_execution"] == other["steps_per_execution"] == 30
   assert chief["workdir"] == str(tmp_path) and "workers" in other["workdir"]
   assert (tmp_path / "last.keras").is_file()
   assert abs(chief["test_elbo"] - single["test_elbo"]) < 0.02 * abs(single["test_elbo"]), (
       chief, single)
+
+
+_STEPS_PER_CALL_UNDER_MIRRORED = r"""
+import sys
+import keras
+import numpy as np
+import tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+import tfvae
+from tfvae import data
+out, data_dir = sys.argv[1:3]
+x = data.to_unit_float(data.load("mnist", data_dir).x_train[:1000]).numpy()
+batches = tf.data.Dataset.from_tensor_slices(x).batch(64)  # 16 batches, the last of 40 images
+for steps in (1, 3, 7):
+  keras.utils.set_random_seed(0)
+  with tf.distribute.MirroredStrategy().scope():
+    vae = tfvae.VAE(tfvae.ModelConfig(latent_size=4, hidden_sizes=(32,)), seed=1)
+    vae.compile(optimizer=tfvae.optimizers.FusedAdam(1e-3), steps_per_execution=steps)
+  history = vae.fit(batches, epochs=2, validation_data=batches, verbose=0).history
+  test = vae.evaluate(batches, verbose=0, return_dict=True)
+  np.savez(f"{out}/{steps}.npz", *vae.get_weights(), loss=history["loss"],
+           val_loss=history["val_loss"], test_loss=test["loss"],
+           iterations=int(vae.optimizer.iterations.numpy()))
+"""
+
+
+def test_steps_per_call_under_mirrored_train_as_one_step_per_call(data_dir, tmp_path):
+  # Keras 3.15 cannot run more than one step per call under MirroredStrategy; the VAE runs
+  # its own loop there. 3 and 7 steps per call leave a shorter last call in each epoch of 16.
+  completed = subprocess.run([sys.executable, "-c", _STEPS_PER_CALL_UNDER_MIRRORED,
+                              str(tmp_path), str(data_dir)], capture_output=True, text=True,
+                             timeout=600, env=_env())
+  assert completed.returncode == 0, completed.stderr[-4000:]
+  one = np.load(tmp_path / "1.npz")
+  assert int(one["iterations"]) == 2 * 16
+  for steps in (3, 7):
+    several = np.load(tmp_path / f"{steps}.npz")
+    assert sorted(several.files) == sorted(one.files)
+    for name in one.files:  # every weight, the optimizer's step and the metrics, bit for bit
+      np.testing.assert_array_equal(several[name], one[name], err_msg=f"{steps}: {name}")
 
 
 _BLOCK_UNDER_MIRRORED = r"""
@@ -141,7 +185,8 @@ def test_blocks_of_batches_under_mirrored_fail_with_the_fix():
 def test_a_strategy_with_one_replica_trains_as_without_one(strategy, tmp_path, toy_dataset):
   # mirrored on a machine with one device, multi_worker without TF_CONFIG. Blocks of batches
   # cannot run under a strategy (the optimizer's cross-replica update is not allowed in a graph
-  # loop), so train() feeds one batch per step there; the training is the same.
+  # loop inside a step), so train() feeds batches there and the VAE loops over the 10 steps of
+  # an epoch in one call; the training is the same.
   dataset = toy_dataset(5, 320, 32)
   config = training.model_config_for(dataset, latent_size=2, hidden_sizes=(16,))
   results = {}
@@ -153,6 +198,7 @@ def test_a_strategy_with_one_replica_trains_as_without_one(strategy, tmp_path, t
   distributed = results[strategy].vae
   assert distributed.distribute_strategy.num_replicas_in_sync == 1
   assert int(distributed.optimizer.iterations.numpy()) == 2 * 10
+  assert distributed.steps_per_execution == 10
   for metric in ("loss", "val_loss", "val_kl"):
     np.testing.assert_allclose(results[strategy].history[metric],
                                results["default"].history[metric], rtol=1e-5)

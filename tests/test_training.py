@@ -150,4 +150,4 @@ def test_steps_per_execution_divides_the_epoch():
   assert training.choose_steps_per_execution(469, 100) == 67  # 469 = 7 x 67
   assert training.choose_steps_per_execution(600, 100) == 100
   assert training.choose_steps_per_execution(17, 100) == 17
-  assert training.choose_steps_per_execution(600, 100, distributed=True) == 1
+  assert training.choose_steps_per_execution(600, 100, loops_supported=False) == 1

@@ -132,7 +132,8 @@ class TrainConfig:
       larger values amortize the several milliseconds each call costs. train() takes the
       largest divisor K of the steps per epoch up to this value and feeds the model blocks of
       K batches (one tf.data element and one Keras step per K optimizer steps; see
-      tfvae.VAE.train_step). Under a distribution strategy, 1.
+      tfvae.VAE.train_step). Under the mirrored and multi_worker strategies the model is fed
+      batches and loops over K of them per call itself; under tpu, 1.
     step_shards: independent branches each training batch is split into (see tfvae.VAE);
       0 picks `tfvae.training.default_step_shards()`: 2 on a multi-core CPU, else 1.
     intra_op_threads: threads each TensorFlow op may use; 0 picks the machine's cores divided

@@ -28,7 +28,7 @@ from tfvae import data as data_lib
 from tfvae import evaluation, plots
 from tfvae.config import ConfigError, ModelConfig, TrainConfig
 from tfvae.files import atomic_path
-from tfvae.model import VAE
+from tfvae.model import VAE, loops_steps_under
 from tfvae.optimizers import FusedAdam, FusedAdamW
 
 
@@ -100,20 +100,18 @@ def configure_threads(train_config: TrainConfig, step_shards: int) -> None:
 
 
 def choose_steps_per_execution(steps_per_epoch: int, limit: int,
-                               distributed: bool = False) -> int:
-  """The largest divisor of steps_per_epoch up to limit; 1 under a distribution strategy.
+                               loops_supported: bool = True) -> int:
+  """The largest divisor of steps_per_epoch up to limit; 1 where steps cannot loop in a call.
 
-  train() feeds the model blocks of this many batches (VAE.train_step takes a block's steps in
-  one graph loop), so every epoch must be whole blocks: a block that overran the epoch would
-  shift every later epoch's data.
+  train() runs this many steps per call into the compiled graph, so every epoch must be whole
+  calls: a call that overran the epoch would shift every later epoch's data. loops_supported
+  is False under a strategy other than default, mirrored and multi_worker (tpu), where Keras's
+  own multi-step function runs and fails ("You must feed a value for placeholder tensor" with
+  Keras 3.15 under mirrored; not tried on a TPU): there it is 1, with a warning.
   """
-  if distributed and limit > 1:
-    # Under tf.distribute the optimizer's update is a cross-replica merge_call, which
-    # TensorFlow does not allow inside the block's graph loop, even with one replica; and
-    # Keras 3.15's own multi-step loop fails under replicas ("You must feed a value for
-    # placeholder tensor ... while/cond"). One step per call works.
-    logging.warning("steps_per_execution=%d is not supported under a distribution strategy;"
-                    " using 1.", limit)
+  if not loops_supported and limit > 1:
+    logging.warning("steps_per_execution=%d is not supported under this distribution strategy;"
+                    " using 1 (it is under default, mirrored and multi_worker).", limit)
     return 1
   return max(d for d in range(1, min(limit, steps_per_epoch) + 1) if steps_per_epoch % d == 0)
 
@@ -379,11 +377,16 @@ def train(model_config: ModelConfig, train_config: TrainConfig, workdir: str | o
   bernoulli = model_config.likelihood == "bernoulli"
   dataset_name, num_train = dataset.name, len(dataset.x_train)
   steps = data_lib.steps_per_epoch(num_train, train_config.batch_size)
-  # Each call into the compiled graph takes one block of this many steps, fed as one element
-  # [K, M, H, W, C]: a tf.data element per step cost about 15% of the speed on a 2-core CPU.
-  steps_per_block = choose_steps_per_execution(steps, train_config.steps_per_execution,
-                                               distributed=train_config.strategy != "default")
-  blocks_per_epoch = steps // steps_per_block  # what Keras counts as steps
+  # Without a strategy each call into the compiled graph takes one block of its steps' batches,
+  # fed as one element [K, M, H, W, C]: a tf.data element per step cost about 15% of the speed
+  # on a 2-core CPU. Under a strategy, which splits each element's first axis across replicas,
+  # elements are batches and the model loops over steps_per_call of them (VAE._replicated_steps).
+  blocks = train_config.strategy == "default"
+  steps_per_call = choose_steps_per_execution(
+      steps, train_config.steps_per_execution,
+      loops_supported=blocks or loops_steps_under(strategy))
+  steps_per_block = steps_per_call if blocks else 1
+  elements_per_epoch = steps // steps_per_block  # what Keras counts as steps
   train_data = data_lib.train_pipeline(dataset.x_train, train_config.batch_size,
                                        train_config.seed,
                                        dynamic_binarization=bernoulli and not dataset.binary,
@@ -400,7 +403,8 @@ def train(model_config: ModelConfig, train_config: TrainConfig, workdir: str | o
 
   with strategy.scope(), dtype_policy(train_config.mixed_precision):
     vae = VAE(model_config, seed=train_config.seed, step_shards=step_shards)
-    vae.compile(optimizer=make_optimizer(train_config))
+    vae.compile(optimizer=make_optimizer(train_config),
+                steps_per_execution=1 if blocks else steps_per_call)
 
   all_callbacks = [
       StopOnNonFinite(),
@@ -411,12 +415,12 @@ def train(model_config: ModelConfig, train_config: TrainConfig, workdir: str | o
                                   profile_batch=0),
       *(callbacks or []),
   ]
-  logging.info("Training on %d %s images %s for %d epochs of %d steps, in blocks of %d steps"
-               " (Keras's progress counts blocks: %d an epoch).", num_train, dataset_name,
-               model_config.image_shape, train_config.epochs, steps, steps_per_block,
-               blocks_per_epoch)
+  logging.info("Training on %d %s images %s for %d epochs of %d steps, %d steps per call"
+               " (Keras's progress counts %s: %d an epoch).", num_train, dataset_name,
+               model_config.image_shape, train_config.epochs, steps, steps_per_call,
+               "blocks of batches" if blocks else "steps", elements_per_epoch)
   history = vae.fit(train_data, validation_data=test_data, epochs=train_config.epochs,
-                    steps_per_epoch=blocks_per_epoch,
+                    steps_per_epoch=elements_per_epoch,
                     callbacks=all_callbacks, verbose=verbose, shuffle=False)
 
   test_metrics = evaluation.evaluate(vae, x_test, train_config.eval_num_samples,
