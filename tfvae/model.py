@@ -325,7 +325,7 @@ class VAE(keras.Model):
     tf.cond only around fetching the next batch. As in Keras, a call runs steps_per_execution
     steps, or fewer where the data ends; returns the last step's outputs, averaged over
     replicas; and raises StopIteration when the data had no batch left. With 2 replicas on 2
-    CPU cores, 78 steps per call trained 1.3 times as fast as one (bench/strategies.py).
+    CPU cores, 78 steps per call trained 1.2-1.3 times as fast as one (bench/strategies.py).
     """
     strategy = self.distribute_strategy
     steps = self.steps_per_execution
