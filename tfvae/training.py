@@ -135,7 +135,8 @@ def make_strategy(name: str) -> tf.distribute.Strategy:
       return tf.distribute.MultiWorkerMirroredStrategy()
     except ValueError as e:  # TF_CONFIG that is not JSON, or names no valid task
       raise ConfigError(
-          f"strategy=multi_worker cannot use TF_CONFIG={os.environ.get('TF_CONFIG')!r}: {e}."
+          f"strategy=multi_worker cannot use TF_CONFIG={os.environ.get('TF_CONFIG')!r}:"
+          f" {str(e).rstrip('.')}."
           f" Set TF_CONFIG on each machine to the cluster and that machine's task, e.g."
           f" {_TF_CONFIG_EXAMPLE} (index 1 on the second), or unset it to train on this"
           f" machine alone") from e
