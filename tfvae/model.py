@@ -301,7 +301,7 @@ class VAE(keras.Model):
 
   def make_train_function(self, force=False):
     """Keras's train function, or the VAE's own where loops_steps_under(its strategy)."""
-    if not loops_steps_under(self.distribute_strategy):
+    if self.run_eagerly or not loops_steps_under(self.distribute_strategy):
       return super().make_train_function(force)
     if self.train_function is None or force:
       self.train_function = self._replicated_steps(self.train_step)
@@ -309,7 +309,7 @@ class VAE(keras.Model):
 
   def make_test_function(self, force=False):
     """Keras's test function, or the VAE's own where loops_steps_under(its strategy)."""
-    if not loops_steps_under(self.distribute_strategy):
+    if self.run_eagerly or not loops_steps_under(self.distribute_strategy):
       return super().make_test_function(force)
     if self.test_function is None or force:
       self.test_function = self._replicated_steps(self.test_step)
