@@ -8,8 +8,9 @@ Model (b) of bench/throughput.py (784-400-20-400-784, ReLU, batch 128, Adam, Ber
 MNIST binarized once, trained as bin/train trains under --strategy=mirrored: batch shards and
 threads per op as on one device, each replica fed its part of each batch as float32. Under
 MirroredStrategy on all local GPUs, or on --replicas logical CPU devices where there is no GPU,
-with 1 step per call (all that Keras 3.15's own multi-step function can run under the strategy)
-and with bin/train's steps per call (the model's own loop, VAE._replicated_steps); and, for
+with 1 step per call (all that Keras 3.15's own multi-step function can run under the strategy;
+timed here through the model's own loop with steps_per_execution=1) and with bin/train's steps
+per call (the same loop, VAE._replicated_steps); and, for
 reference, the same model without a strategy (blocks of batches, bin/train's default). One
 epoch each in turn, the median of --epochs epochs after a warm-up (throughput.interleaved_rates;
 the flag is bench/throughput.py's).
