@@ -127,39 +127,62 @@ class LastBatchLogs(keras.callbacks.Callback):  # what a call returns, as callba
     self.losses.append(self.last)
 
 
-for steps in (1, 3, 7):
+for name, steps, jit_compile in (("1", 1, "auto"), ("3", 3, "auto"), ("7", 7, "auto"),
+                                 ("3_jit_compile", 3, True)):
   keras.utils.set_random_seed(0)
   with tf.distribute.MirroredStrategy().scope():
     vae = tfvae.VAE(tfvae.ModelConfig(latent_size=4, hidden_sizes=(32,)), seed=1)
-    vae.compile(optimizer=tfvae.optimizers.FusedAdam(1e-3), steps_per_execution=steps)
+    vae.compile(optimizer=tfvae.optimizers.FusedAdam(1e-3), steps_per_execution=steps,
+                jit_compile=jit_compile)
   last_batch = LastBatchLogs()
   history = vae.fit(batches, epochs=2, validation_data=batches, verbose=0,
                     callbacks=[last_batch]).history
   test = vae.evaluate(batches, verbose=0, return_dict=True)
-  np.savez(f"{out}/{steps}.npz", *vae.get_weights(), loss=history["loss"],
+  np.savez(f"{out}/{name}.npz", *vae.get_weights(), loss=history["loss"],
            val_loss=history["val_loss"], test_loss=test["loss"],
            last_call_loss=last_batch.losses,
            iterations=int(vae.optimizer.iterations.numpy()))
 """
 
 
-def test_steps_per_call_under_mirrored_train_as_one_step_per_call(data_dir, tmp_path):
+@pytest.fixture(scope="module")
+def mirrored_steps(data_dir, tmp_path_factory):
+  """Runs _STEPS_PER_CALL_UNDER_MIRRORED: (its output folder, its stderr)."""
+  out = tmp_path_factory.mktemp("mirrored_steps")
+  completed = subprocess.run([sys.executable, "-c", _STEPS_PER_CALL_UNDER_MIRRORED, str(out),
+                              str(data_dir)], capture_output=True, text=True, timeout=600,
+                             env=_env())
+  assert completed.returncode == 0, completed.stderr[-4000:]
+  return out, completed.stderr
+
+
+def _assert_same_training(npz, reference, label):
+  assert sorted(npz.files) == sorted(reference.files)
+  for name in reference.files:  # every weight, the optimizer's step and the metrics, bit for bit
+    np.testing.assert_array_equal(npz[name], reference[name], err_msg=f"{label}: {name}")
+
+
+def test_steps_per_call_under_mirrored_train_as_one_step_per_call(mirrored_steps):
   # Keras 3.15 cannot run more than one step per call under MirroredStrategy; the VAE runs
   # its own loop there. 3 and 7 steps per call leave a shorter last call in each epoch of 16.
-  completed = subprocess.run([sys.executable, "-c", _STEPS_PER_CALL_UNDER_MIRRORED,
-                              str(tmp_path), str(data_dir)], capture_output=True, text=True,
-                             timeout=600, env=_env())
-  assert completed.returncode == 0, completed.stderr[-4000:]
-  one = np.load(tmp_path / "1.npz")
+  out, _ = mirrored_steps
+  one = np.load(out / "1.npz")
   assert int(one["iterations"]) == 2 * 16
   # The last call's outputs are the epoch's metrics: the mean over the replicas (of equal
   # shares here) of their means is the mean of the epoch, which Keras reads from the metrics.
   np.testing.assert_allclose(one["last_call_loss"], one["loss"], rtol=1e-6)
   for steps in (3, 7):
-    several = np.load(tmp_path / f"{steps}.npz")
-    assert sorted(several.files) == sorted(one.files)
-    for name in one.files:  # every weight, the optimizer's step and the metrics, bit for bit
-      np.testing.assert_array_equal(several[name], one[name], err_msg=f"{steps}: {name}")
+    _assert_same_training(np.load(out / f"{steps}.npz"), one, f"{steps} steps per call")
+
+
+def test_jit_compile_under_mirrored_is_ignored_with_a_warning(mirrored_steps):
+  # XLA cannot compile a replica's step (Keras's own function fails with jit_compile=True
+  # under MirroredStrategy); the VAE's loop trains without XLA and says so.
+  out, stderr = mirrored_steps
+  _assert_same_training(np.load(out / "3_jit_compile.npz"), np.load(out / "3.npz"),
+                        "jit_compile=True")
+  assert stderr.count("compile(jit_compile=True) is ignored under MirroredStrategy") == 2, (
+      stderr[-4000:])  # once for fit's function, once for evaluate's
 
 
 _BLOCK_UNDER_MIRRORED = r"""
