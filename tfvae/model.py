@@ -328,18 +328,21 @@ class VAE(keras.Model):
     left. It returns what the last step returned, the metrics' results, averaged over replicas:
     read once after the loop, so a call reduces across replicas (or workers) once, not once per
     step. With 2 replicas on 2 CPU cores, 78 steps per call trained 1.2-1.4 times as fast as
-    one (bench/strategies.py). The steps are not compiled with XLA: XLA cannot compile a
-    replica's step, whose optimizer update touches every replica's copy of the variables
-    ("Trying to access resource ... located in device CPU:1 from device CPU:0"), and Keras
-    3.15's own function fails the same way with compile(jit_compile=True). So that setting is
+    one (bench/strategies.py). The steps are not compiled with XLA. A replica's step compiled
+    by XLA failed in both settings tried: under MirroredStrategy on two devices its optimizer
+    update touches the other replica's variables ("Trying to access resource ... located in
+    device CPU:1 from device CPU:0"; Keras 3.15's own function with jit_compile=True fails the
+    same way), and under MultiWorkerMirroredStrategy with two CPU workers "Collectives are not
+    yet implemented for CPU devices when compiling with XLA". So compile(jit_compile=True) is
     ignored here, with a warning; Keras's "auto" picks no XLA under a strategy anyway.
     """
     strategy = self.distribute_strategy
     steps = self.steps_per_execution
     if self.jit_compile:
-      logging.warning("compile(jit_compile=True) is ignored under %s: XLA cannot compile a"
-                      " replica's step, so the steps run without XLA. Pass jit_compile=False"
-                      " (or leave the default) to silence this.", type(strategy).__name__)
+      logging.warning("compile(jit_compile=True) is ignored under %s: the steps run without"
+                      " XLA, which could not compile a replica's step across devices or CPU"
+                      " workers. Pass jit_compile=False (or leave the default) to silence this.",
+                      type(strategy).__name__)
 
     @tf.function(reduce_retracing=True)
     def multi_step(iterator):
