@@ -36,17 +36,17 @@ BATCH_SIZE = 100  # bin/train's
 def pipeline_rate(x, dynamic_binarization, rounds):
   """Images/s of the training pipeline alone, the median epoch of `rounds`."""
   import tfvae
-  from tfvae import data, training
+  from tfvae import data
+  runtime = tfvae.Runtime()
+  blocks, steps_per_call = runtime.training_stream(x, BATCH_SIZE, seed=0,
+                                                   dynamic_binarization=dynamic_binarization,
+                                                   strategy=runtime.make_strategy())
+  iterator = iter(blocks)
   steps = data.steps_per_epoch(len(x), BATCH_SIZE)
-  steps_per_block = training.choose_steps_per_execution(steps,
-                                                        tfvae.TrainConfig().steps_per_execution)
-  iterator = iter(data.train_pipeline(x, BATCH_SIZE, seed=0,
-                                      dynamic_binarization=dynamic_binarization,
-                                      steps_per_block=steps_per_block))
   seconds = []
   for round_index in range(rounds + 1):
     start = time.perf_counter()
-    for _ in range(steps // steps_per_block):
+    for _ in range(-(-steps // steps_per_call)):  # the epoch's blocks
       next(iterator)
     if round_index:
       seconds.append(time.perf_counter() - start)
@@ -58,11 +58,11 @@ def main(argv):
   import tensorflow as tf
 
   import tfvae
-  from tfvae import data, training
-  training.configure_threads(tfvae.TrainConfig(), training.default_step_shards())
+  from tfvae import data
+  tfvae.Runtime().configure_threads()
   grey = data.load("mnist").x_train
   binarized = data.eval_arrays(grey, bernoulli=True, binary=False)  # once, with a fixed seed
-  threads = getattr(data, "_PIPELINE_THREADS", 1)
+  threads = tfvae.Runtime().pipeline_threads
   print(f"tensorflow {tf.__version__}, {os.cpu_count()} CPUs, pipeline threads {threads}\n")
   print("| pipeline alone, blocks of batches of 100 | images/s |\n|---|---|")
   for label, dynamic in (("binarized once (no work per batch)", False),

@@ -5,13 +5,13 @@
   python bench/strategies.py --replicas 4
 
 Model (b) of bench/throughput.py (784-400-20-400-784, ReLU, batch 128, Adam, Bernoulli), on
-MNIST binarized once, trained as bin/train trains under --strategy=mirrored: batch shards and
-threads per op as on one device, each replica fed its part of each batch as float32. Under
+MNIST binarized once, trained as bin/train trains under --strategy=mirrored, each replica fed
+its part of each batch as float32. Under
 MirroredStrategy on all local GPUs, or on --replicas logical CPU devices where there is no GPU,
 with 1 step per call (all that Keras 3.15's own multi-step function can run under the strategy;
-timed here through the model's own loop with steps_per_execution=1) and with bin/train's steps
-per call (the same loop, VAE._replicated_steps); and, for
-reference, the same model without a strategy (blocks of batches, bin/train's default). One
+timed here through the runtime's own loop with steps_per_execution=1) and with bin/train's
+steps per call (the same loop); and, for reference, the same model without a strategy
+(bin/train's default). One
 epoch each in turn, the median of --epochs epochs after a warm-up (throughput.interleaved_rates;
 the flag is bench/throughput.py's).
 """
@@ -36,29 +36,28 @@ def main(argv):
   import tensorflow as tf
 
   import tfvae
-  from tfvae import data, training
-  training.configure_threads(tfvae.TrainConfig(), training.default_step_shards())
+  from tfvae import data
+  tfvae.Runtime().configure_threads()
   if not tf.config.list_physical_devices("GPU"):
     cpu = tf.config.list_physical_devices("CPU")[0]
     tf.config.set_logical_device_configuration(
         cpu, [tf.config.LogicalDeviceConfiguration()] * FLAGS.replicas)
   x = data.eval_arrays(data.load("mnist").x_train, bernoulli=True, binary=False)
   steps = data.steps_per_epoch(len(x), BATCH_SIZE)
-  many = training.choose_steps_per_execution(steps, tfvae.TrainConfig().steps_per_execution)
+  many = tfvae.Runtime(strategy="mirrored").steps_per_call(steps)
   strategy = tf.distribute.MirroredStrategy()
   replicas = strategy.num_replicas_in_sync
   trainers = {
       f"MirroredStrategy, {replicas} replicas, 1 step per call": tfvae_trainer(
-          x, 400, "relu", BATCH_SIZE, strategy=strategy, steps_per_call=1),
+          x, 400, "relu", BATCH_SIZE, strategy="mirrored", steps_per_call=1),
       f"MirroredStrategy, {replicas} replicas, {many} steps per call": tfvae_trainer(
-          x, 400, "relu", BATCH_SIZE, strategy=strategy, steps_per_call=many),
-      f"no strategy, blocks of {many} batches per call": tfvae_trainer(
+          x, 400, "relu", BATCH_SIZE, strategy="mirrored", steps_per_call=many),
+      "no strategy, blocks of steps per call (bin/train's default)": tfvae_trainer(
           x, 400, "relu", BATCH_SIZE),
   }
   results = interleaved_rates(trainers, FLAGS.epochs)
   devices = ", ".join(strategy.extended.worker_devices)
-  print(f"tensorflow {tf.__version__}, {os.cpu_count()} CPUs, replicas on {devices}, step_shards"
-        f" {training.default_step_shards()}\n")
+  print(f"tensorflow {tf.__version__}, {os.cpu_count()} CPUs, replicas on {devices}\n")
   print("| model (b), M=128 | examples/s | training loss, last epoch |\n|---|---|---|")
   for label, (rate, loss) in results.items():
     print(f"| {label} | {rate:,.0f} | {loss:.2f} |")

@@ -17,10 +17,10 @@ per example x examples/s. The ceiling is a float32 matmul loop in graph mode wit
 ([128, 784] x [784, 400] and the two transposed products of its gradient), measured in the same
 run twice, with the threads per op tfvae trains with and in a fresh process with TensorFlow's
 defaults; the better one counts.
-tfvae trains as bin/train does (tfvae.training: fused Adam, batch shards, threads per op,
-blocks of steps per call). The comparison is (b) in PyTorch, three ways: torch.optim.Adam as it runs
-on the CPU when no flag is given (a for-loop over parameters), with fused=True (one kernel, as
-tfvae's Adam is), and fused under torch.compile. Prints a Markdown table with each trainer's
+tfvae trains as bin/train does (tfvae.Runtime(): fused Adam, steps per call). The comparison
+is (b) in PyTorch, three ways: torch.optim.Adam as it runs on the CPU when no flag is given
+(a for-loop over parameters), with fused=True (one kernel, as tfvae's Adam is), and fused
+under torch.compile. Prints a Markdown table with each trainer's
 last training loss (a check that all of them train the same objective) and tfvae (b)'s ratio to
 each PyTorch loop and to the fastest.
 """
@@ -84,35 +84,32 @@ def default_threads_ceiling():
 
 def tfvae_trainer(x, hidden, activation, batch_size, mixed_precision=False,
                   dynamic_binarization=False, strategy=None, steps_per_call=None):
-  """tfvae as bin/train runs it (its optimizer, batch shards, blocks of steps per call, precision).
+  """tfvae as bin/train runs it: Keras's Adam under tfvae.Runtime(), the machine's defaults.
 
   The pipeline binarizes x afresh each epoch if dynamic_binarization (as bin/train does for
-  MNIST), else feeds x as it is. Under a tf.distribute `strategy`, the model is built in its
-  scope and fed batches, steps_per_call of them per graph call (default: as bin/train chooses);
-  without one, blocks of that many batches. Returns (run_epoch, examples per epoch); run_epoch()
-  trains one epoch and returns (seconds, mean training loss).
+  MNIST), else feeds x as it is. `strategy` is a tfvae.runtime strategy name ("mirrored"...),
+  under which the model is built and fed batches; steps_per_call overrides the runtime's
+  choice. Returns (run_epoch, examples per epoch); run_epoch() trains one epoch and returns
+  (seconds, mean training loss).
   """
+  import dataclasses
+
   import keras
-  import tensorflow as tf
 
   import tfvae
   from tfvae import data, training
   keras.utils.set_random_seed(0)
-  train_config = tfvae.TrainConfig(batch_size=batch_size)
-  steps = data.steps_per_epoch(len(x), batch_size)
-  steps_per_call = steps_per_call or training.choose_steps_per_execution(
-      steps, train_config.steps_per_execution)
-  steps_per_block = 1 if strategy else steps_per_call
-  with (strategy or tf.distribute.get_strategy()).scope(), training.dtype_policy(mixed_precision):
+  runtime = tfvae.Runtime(strategy=strategy or "default", mixed_precision=mixed_precision)
+  if steps_per_call:
+    runtime = dataclasses.replace(runtime, steps_per_execution=steps_per_call)
+  distribution = runtime.make_strategy()
+  pipeline, steps_per_call = runtime.training_stream(
+      x, batch_size, seed=0, dynamic_binarization=dynamic_binarization, strategy=distribution)
+  with runtime.scope(distribution):
     vae = tfvae.VAE(tfvae.ModelConfig(latent_size=20, hidden_sizes=(hidden,),
-                                      activation=activation),
-                    step_shards=training.default_step_shards())
-    vae.compile(optimizer=training.make_optimizer(train_config),
-                steps_per_execution=steps_per_call if strategy else 1)
-  pipeline = data.train_pipeline(x, batch_size, seed=0, dynamic_binarization=dynamic_binarization,
-                                 steps_per_block=steps_per_block)
-  if strategy and strategy.num_replicas_in_sync > 1:
-    pipeline = pipeline.map(data.to_unit_float)  # as train() feeds replicas
+                                      activation=activation))
+    vae.compile(optimizer=training.make_optimizer(tfvae.TrainConfig(batch_size=batch_size)))
+  steps = data.steps_per_epoch(len(x), batch_size)
   epochs = []  # (seconds, mean training loss)
 
   class Timer(keras.callbacks.Callback):
@@ -123,8 +120,9 @@ def tfvae_trainer(x, hidden, activation, batch_size, mixed_precision=False,
       epochs.append((time.perf_counter() - self.start, logs["loss"]))
 
   def run_epoch():
-    vae.fit(pipeline, epochs=1, steps_per_epoch=steps // steps_per_block, verbose=0,
-            callbacks=[Timer()], shuffle=False)  # the pipeline shuffles, as in train()
+    with runtime.attach(vae, steps_per_call):
+      vae.fit(pipeline, epochs=1, steps_per_epoch=steps, verbose=0, callbacks=[Timer()],
+              shuffle=False)  # the pipeline shuffles, as in train()
     return epochs[-1]
 
   return run_epoch, steps * batch_size
@@ -227,12 +225,12 @@ def main(argv):
   import tensorflow as tf
 
   import tfvae
-  from tfvae import data, training
+  from tfvae import data, runtime
   if FLAGS.ceiling_only:
     print(matmul_ceiling())
     return
   # Threads per op as train() sets them, before TensorFlow runs its first op.
-  training.configure_threads(tfvae.TrainConfig(), training.default_step_shards())
+  tfvae.Runtime().configure_threads()
   mnist = data.load("mnist")
   # Binarized once, held as tfvae holds images (uint8 0/255, scaled inside its step); the
   # PyTorch loop gets the same pixels as preloaded float32 0/1.
@@ -248,13 +246,12 @@ def main(argv):
               for label, settings in models.items()}
   if FLAGS.mixed_precision:
     settings = models[model_b]
-    trainers[f"tfvae (b), {training.mixed_precision_policy()}"] = (
+    trainers[f"tfvae (b), {runtime.mixed_precision_policy()}"] = (
         *tfvae_trainer(x, *settings, mixed_precision=True), settings[0])
   if FLAGS.torch:
     trainers.update(torch_trainers(x))
   results = interleaved_rates(trainers, FLAGS.epochs)
-  print(f"tensorflow {tf.__version__}, {os.cpu_count()} CPUs, step_shards"
-        f" {training.default_step_shards()}, intra-op threads"
+  print(f"tensorflow {tf.__version__}, {os.cpu_count()} CPUs, intra-op threads"
         f" {tf.config.threading.get_intra_op_parallelism_threads() or 'default'};"
         f" matmul ceiling for (b)'s shapes: {ceiling:.0f} GFLOP/s (graph mode; the better of"
         f" {own_threads:.0f} with these threads and {default_threads:.0f} with TensorFlow's"

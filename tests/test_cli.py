@@ -151,7 +151,7 @@ def test_flagfile(data_dir, tmp_path):
     (["--latent_size=0"], "latent_size=0 must be at least 1"),
     (["--likelihood=gaussian_fixed"], "needs a positive --observation_scale"),
     (["--objective=iwae", "--num_samples=1"], "K >= 2"),
-    (["--dataset=cifar10"], "dataset='cifar10' is not one of"),
+    (["--dataset=cifar10"], "unknown dataset 'cifar10'; use one of mnist"),
     (["--hidden_sizes=500,abc"], "must be integers"),
     (["--dataset=npz:/nonexistent/file.npz"], "/nonexistent/file.npz"),
     (["stray"], "unexpected arguments"),

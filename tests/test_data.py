@@ -226,41 +226,6 @@ def test_pipelines_are_reproducible_and_resume_at_any_epoch(mnist_slice):
     np.testing.assert_array_equal(x, y)
 
 
-def test_blocks_hold_the_same_batches_in_the_same_order(mnist_slice):
-  x_train, _ = mnist_slice  # 1000 images: 10 batches of 100 an epoch
-  batches = [b.numpy() for b in data.train_pipeline(x_train, 100, seed=2,
-                                                    dynamic_binarization=True, num_epochs=2)]
-  blocked = data.train_pipeline(x_train, 100, seed=2, dynamic_binarization=True, num_epochs=2,
-                                steps_per_block=5)
-  assert blocked.element_spec.shape == (5, 100, 28, 28, 1)  # static K and M
-  blocks = [b.numpy() for b in blocked]
-  assert len(blocks) == 4  # 2 epochs of 2 blocks
-  np.testing.assert_array_equal(np.concatenate(blocks), np.stack(batches))
-  resumed = [b.numpy() for b in data.train_pipeline(x_train, 100, seed=2,
-                                                    dynamic_binarization=True, first_epoch=1,
-                                                    num_epochs=2, steps_per_block=5)]
-  np.testing.assert_array_equal(np.concatenate(resumed), np.stack(batches[10:]))
-
-
-@pytest.mark.parametrize("steps_per_block", [3, 0])
-def test_a_block_must_divide_the_epoch(mnist_slice, steps_per_block):
-  x_train, _ = mnist_slice
-  with pytest.raises(ValueError, match=f"steps_per_block={steps_per_block} does not divide the"
-                                       " 10 batches of 100.*divisor of 10"):
-    data.train_pipeline(x_train, 100, seed=0, dynamic_binarization=False,
-                        steps_per_block=steps_per_block)
-
-
-def test_evaluation_blocks_hold_every_image_once_in_order():
-  images = np.arange(23, dtype=np.uint8).reshape(23, 1, 1, 1)
-  blocks = [b.numpy() for b in data.eval_pipeline(images, 4, steps_per_block=2)]
-  # 5 full batches of 4 in blocks of 2, 2 and 1; the 3 left over as a block of one batch.
-  assert [b.shape[:2] for b in blocks] == [(2, 4), (2, 4), (1, 4), (1, 3)]
-  np.testing.assert_array_equal(np.concatenate([b.ravel() for b in blocks]), images.ravel())
-  small = [b.numpy() for b in data.eval_pipeline(images[:3], 4, steps_per_block=2)]
-  assert [b.shape[:2] for b in small] == [(1, 3)]
-
-
 def test_test_sets_are_binarized_once_with_a_fixed_seed(mnist_slice):
   _, x_test = mnist_slice
   first = data.eval_arrays(x_test, bernoulli=True, binary=False)

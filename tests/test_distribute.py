@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 
+import keras
 import numpy as np
 import pytest
 
@@ -20,17 +21,32 @@ mode, workdir, data_dir = sys.argv[1:4]
 if mode == "mirrored":
   cpu = tf.config.list_physical_devices("CPU")[0]
   tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+import keras
 import tfvae
 from tfvae import data, training
+
+
+class Calls(keras.callbacks.Callback):  # graph calls in each epoch
+  def on_train_begin(self, logs=None):
+    self.counts = []
+
+  def on_epoch_begin(self, epoch, logs=None):
+    self.counts.append(0)
+
+  def on_train_batch_end(self, batch, logs=None):
+    self.counts[-1] += 1
+
+
 mnist = data.load("mnist", data_dir)
 dataset = data.Dataset("mnist", mnist.x_train[:3000], mnist.x_test[:1000], False)
 config = training.model_config_for(dataset, latent_size=8, hidden_sizes=(64,))
 strategy = {"single": "default", "mirrored": "mirrored", "worker": "multi_worker"}[mode]
-result = training.train(config, tfvae.TrainConfig(epochs=4, strategy=strategy, seed=3),
-                        workdir, dataset=dataset, verbose=0)
+calls = Calls()
+result = training.train(config, tfvae.TrainConfig(epochs=4, seed=3), workdir, dataset=dataset,
+                        verbose=0, runtime=tfvae.Runtime(strategy=strategy), callbacks=[calls])
 print(json.dumps({"test_elbo": result.test_metrics["elbo"], "chief": result.is_chief,
                   "replicas": result.vae.distribute_strategy.num_replicas_in_sync,
-                  "steps_per_execution": result.vae.steps_per_execution,
+                  "calls_per_epoch": sorted(set(calls.counts)),
                   "train_loss": result.history["loss"][-1],
                   "val_loss": result.history["val_loss"][-1],
                   "workdir": str(result.workdir)}))
@@ -61,7 +77,7 @@ def test_mirrored_on_two_cpus_matches_one_device(single, data_dir, tmp_path):
                                      str(data_dir)], capture_output=True, text=True,
                                     timeout=600, env=_env()))
   assert mirrored["replicas"] == 2 and single["replicas"] == 1
-  assert mirrored["steps_per_execution"] == 30  # the epoch's 30 steps in one graph call
+  assert mirrored["calls_per_epoch"] == [1]  # the epoch's 30 steps in one graph call
   # Same data, batches and initial weights; only the per-replica noise draws differ. The
   # metrics are the replicas' mean, as one device's.
   for name in ("test_elbo", "train_loss", "val_loss"):
@@ -95,7 +111,7 @@ def test_two_workers_on_localhost_match_one_device(single, data_dir, tmp_path):
   chief, other = results
   assert chief["chief"] and not other["chief"]
   assert chief["replicas"] == other["replicas"] == 2
-  assert chief["steps_per_execution"] == other["steps_per_execution"] == 30
+  assert chief["calls_per_epoch"] == other["calls_per_epoch"] == [1]  # 30 steps in one call
   assert chief["workdir"] == str(tmp_path) and "workers" in other["workdir"]
   assert (tmp_path / "last.keras").is_file()
   for name in ("test_elbo", "train_loss", "val_loss"):
@@ -130,14 +146,15 @@ class LastBatchLogs(keras.callbacks.Callback):  # what a call returns, as callba
 for name, steps, jit_compile in (("1", 1, "auto"), ("3", 3, "auto"), ("7", 7, "auto"),
                                  ("3_jit_compile", 3, True)):
   keras.utils.set_random_seed(0)
-  with tf.distribute.MirroredStrategy().scope():
+  runtime = tfvae.Runtime(strategy="mirrored")
+  with runtime.scope(runtime.make_strategy()):
     vae = tfvae.VAE(tfvae.ModelConfig(latent_size=4, hidden_sizes=(32,)), seed=1)
-    vae.compile(optimizer=tfvae.optimizers.FusedAdam(1e-3), steps_per_execution=steps,
-                jit_compile=jit_compile)
+    vae.compile(optimizer=keras.optimizers.Adam(1e-3), jit_compile=jit_compile)
   last_batch = LastBatchLogs()
-  history = vae.fit(batches, epochs=2, validation_data=batches, verbose=0,
-                    callbacks=[last_batch]).history
-  test = vae.evaluate(batches, verbose=0, return_dict=True)
+  with runtime.attach(vae, steps):
+    history = vae.fit(batches, epochs=2, validation_data=batches, verbose=0,
+                      callbacks=[last_batch]).history
+    test = vae.evaluate(batches, verbose=0, return_dict=True)
   np.savez(f"{out}/{name}.npz", *vae.get_weights(), loss=history["loss"],
            val_loss=history["val_loss"], test_loss=test["loss"],
            last_call_loss=last_batch.losses,
@@ -186,65 +203,32 @@ def test_jit_compile_under_mirrored_is_ignored_with_a_warning(mirrored_steps):
       stderr[-4000:])  # once for fit's function, once for evaluate's
 
 
-_BLOCK_UNDER_MIRRORED = r"""
-import numpy as np
-import tensorflow as tf
-cpu = tf.config.list_physical_devices("CPU")[0]
-tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-import tfvae
-from tfvae import data
-strategy = tf.distribute.MirroredStrategy()
-with strategy.scope():
-  vae = tfvae.VAE(tfvae.ModelConfig(latent_size=2, hidden_sizes=(8,)))
-  vae.compile(optimizer="adam")
-blocks = data.train_pipeline(np.zeros((64, 28, 28, 1), np.uint8), 8, seed=0,
-                             dynamic_binarization=False, steps_per_block=4)
-try:
-  vae.fit(blocks, epochs=1, steps_per_epoch=2, verbose=0)
-except ValueError as e:
-  print("fit: ValueError:", e)
-try:  # train_step itself, as a custom loop would run it
-  strategy.run(tf.function(vae.train_step), args=(next(iter(blocks)),))
-except ValueError as e:
-  print("train_step: ValueError:", e)
-"""
+class _Calls(keras.callbacks.Callback):
+  def on_train_begin(self, logs=None):
+    self.ends = []
 
-
-def test_blocks_of_batches_under_mirrored_fail_with_the_fix():
-  completed = subprocess.run([sys.executable, "-c", _BLOCK_UNDER_MIRRORED], capture_output=True,
-                             text=True, timeout=600, env=_env())
-  assert completed.returncode == 0, completed.stderr[-4000:]
-  # Keras calls the model on the first element to build it under a strategy, so fit's message
-  # comes from VAE.call.
-  out = completed.stdout
-  fit_error, step_error = out.index("fit: ValueError"), out.index("train_step: ValueError")
-  assert out.find("VAE.call takes a batch [B, H, W, C], not a block of batches"
-                  " (2, 8, 28, 28, 1)", fit_error, step_error) > 0, out[-2000:]
-  assert out.find("a block of batches (4, 8, 28, 28, 1) trains only without a distribution"
-                  " strategy, but this is MirroredStrategy with 2 replica(s)", step_error) > 0, (
-                      out[-2000:])
-  assert out.count("feed batches [M, H, W, C] (tfvae.data.train_pipeline with"
-                   " steps_per_block=1)") == 2
+  def on_train_batch_end(self, batch, logs=None):
+    self.ends.append(batch)
 
 
 @pytest.mark.parametrize("strategy", ["mirrored", "multi_worker"])
 def test_a_strategy_with_one_replica_trains_as_without_one(strategy, tmp_path, toy_dataset):
-  # mirrored on a machine with one device, multi_worker without TF_CONFIG. Blocks of batches
-  # cannot run under a strategy (the optimizer's cross-replica update is not allowed in a graph
-  # loop inside a step), so train() feeds batches there and the VAE loops over the 10 steps of
-  # an epoch in one call; the training is the same.
+  # mirrored on a machine with one device, multi_worker without TF_CONFIG. Under a strategy
+  # the runtime feeds batches and loops over the 10 steps of an epoch in one call; the training
+  # is the same as with blocks of batches without one.
   dataset = toy_dataset(5, 320, 32)
   config = training.model_config_for(dataset, latent_size=2, hidden_sizes=(16,))
-  results = {}
+  results, calls = {}, {}
   for name in ("default", strategy):
-    train_config = tfvae.TrainConfig(epochs=2, batch_size=32, eval_num_samples=0,
-                                     strategy=name)
+    train_config = tfvae.TrainConfig(epochs=2, batch_size=32, eval_num_samples=0)
+    calls[name] = _Calls()
     results[name] = training.train(config, train_config, tmp_path / name, dataset=dataset,
-                                   verbose=0)
+                                   verbose=0, runtime=tfvae.Runtime(strategy=name),
+                                   callbacks=[calls[name]])
   distributed = results[strategy].vae
   assert distributed.distribute_strategy.num_replicas_in_sync == 1
   assert int(distributed.optimizer.iterations.numpy()) == 2 * 10
-  assert distributed.steps_per_execution == 10
+  assert calls[strategy].ends == [9, 19]  # one call of 10 steps an epoch
   for metric in ("loss", "val_loss", "val_kl"):
     np.testing.assert_allclose(results[strategy].history[metric],
                                results["default"].history[metric], rtol=1e-5)

@@ -7,7 +7,7 @@ import tensorflow as tf
 
 import tfvae
 from tfvae import data
-from tfvae.model import METRIC_NAMES, Decoder, Encoder, TermMeans
+from tfvae.model import METRIC_NAMES, Decoder, Encoder
 
 
 def test_encoder_and_decoder_return_distributions(small_config, binary_batch):
@@ -113,25 +113,14 @@ def test_sample_weights_weight_the_per_example_mean(binary_batch):
   assert abs(unweighted["kl"] - only_first["kl"]) > 1e-4
 
 
-def test_term_means_are_the_weighted_means_of_all_batches_since_the_reset():
-  rng = np.random.default_rng(5)
-  batches = [{name: rng.normal(size=size).astype(np.float32) for name in METRIC_NAMES}
-             for size in (3, 5, 4)]
-  weights = [None, rng.random(5).astype(np.float32), np.zeros(4, np.float32)]
-  metric = TermMeans()
-  for terms, batch_weights in zip(batches, weights, strict=True):
-    metric.update_state(terms, batch_weights)
-  all_weights = np.concatenate([np.ones(3), weights[1], weights[2]])
-  results = metric.result()
-  assert set(results) == set(METRIC_NAMES)
-  for name in METRIC_NAMES:
-    values = np.concatenate([terms[name] for terms in batches]).astype(np.float64)
-    expected = np.sum(all_weights * values) / np.sum(all_weights)
-    np.testing.assert_allclose(float(results[name]), expected, rtol=1e-5)
-  metric.reset_state()
-  assert all(float(value) == 0.0 for value in metric.result().values())  # 0 / 0 reads as 0
-  metric.update_state(batches[0])  # counts again from the reset
-  np.testing.assert_allclose(float(metric.result()["kl"]), np.mean(batches[0]["kl"]), rtol=1e-6)
+def test_metrics_are_per_example_means_over_all_batches(binary_batch, small_config):
+  # Batches of 3, 3 and 2: the KL (free of noise) reported is the mean over the 8 examples.
+  vae = tfvae.VAE(small_config)
+  vae.compile(optimizer="adam")
+  reported = vae.evaluate(binary_batch, batch_size=3, verbose=0, return_dict=True)
+  per_example = vae.per_example_terms(binary_batch, tf.constant([0, 0]))["kl"]
+  np.testing.assert_allclose(reported["kl"], np.mean(per_example), rtol=1e-5)
+  assert set(reported) == set(METRIC_NAMES)
 
 
 def test_sampling_is_deterministic_per_seed(small_config):
@@ -182,89 +171,51 @@ def test_uint8_images_are_read_as_0_to_255(small_config, binary_batch):
   assert scores[0] == scores[1]
 
 
-def test_step_shards_split_the_batch_and_keep_per_example_order(small_config):
-  x = (np.random.default_rng(0).random((7, 28, 28, 1)) < 0.3).astype(np.float32)
-  whole, sharded = tfvae.VAE(small_config), tfvae.VAE(small_config, step_shards=3)
-  sharded.set_weights(whole.get_weights())
-  seed = tf.constant([5, 6])
-  a = whole._sharded_terms(x, seed, training=False)
-  b = sharded._sharded_terms(x, seed, training=False)
-  # The KL is deterministic: equal per example, in the same order (shards of 2, 2 and 3).
-  np.testing.assert_allclose(b["kl"], a["kl"], rtol=1e-5)
-  assert b["nll"].shape == [7] and not np.allclose(b["nll"], a["nll"])  # own noise per shard
-  # More shards than examples leaves some shards empty and still works.
-  few = tfvae.VAE(small_config, step_shards=4)._sharded_terms(x[:2], seed, training=False)
-  assert few["kl"].shape == [2]
-  with pytest.raises(ValueError, match="step_shards=0"):
-    tfvae.VAE(small_config, step_shards=0)
-  assert tfvae.VAE.from_config(sharded.get_config()).step_shards == 3
+def _user_networks(config):
+  height, width, channels = config.image_shape
+  encoder = keras.Sequential([
+      keras.Input(config.image_shape), keras.layers.Conv2D(4, 3, strides=2, activation="elu"),
+      keras.layers.Flatten(), keras.layers.Dense(2 * config.latent_size)], name="my_encoder")
+  decoder = keras.Sequential([
+      keras.Input((config.latent_size,)), keras.layers.Dense(32, activation="elu"),
+      keras.layers.Dense(height * width * channels),
+      keras.layers.Reshape(config.image_shape)], name="my_decoder")
+  return encoder, decoder
 
 
-def test_sharded_training_matches_whole_batch_gradients_without_noise():
-  # The KL term is free of noise: its batch-mean gradient must not depend on the sharding.
-  config = tfvae.ModelConfig(latent_size=3, hidden_sizes=(8,))
-  x = (np.random.default_rng(1).random((10, 28, 28, 1)) < 0.3).astype(np.float32)
-  grads = []
-  for shards in (1, 2):
-    keras.utils.set_random_seed(0)
-    vae = tfvae.VAE(config, step_shards=shards)
-    with tf.GradientTape() as tape:
-      loss = tf.reduce_mean(vae._sharded_terms(x, tf.constant([0, 0]), training=True)["kl"])
-    grads.append(tape.gradient(loss, vae.encoder.trainable_variables))
-  for whole, sharded in zip(*grads, strict=True):
-    np.testing.assert_allclose(sharded, whole, rtol=1e-5, atol=1e-7)
+def test_user_networks_train_save_and_reload(tmp_path, mnist_slice):
+  config = tfvae.ModelConfig(latent_size=3)
+  encoder, decoder = _user_networks(config)
+  vae = tfvae.VAE(config, encoder_network=encoder, decoder_network=decoder)
+  assert vae.encoder.network is encoder and vae.decoder.network is decoder
+  x = data.eval_arrays(mnist_slice[0][:400], bernoulli=True, binary=False)
+  vae.compile(optimizer=keras.optimizers.Adam(3e-3))
+  history = vae.fit(x, batch_size=50, epochs=3, verbose=0).history
+  assert history["loss"][-1] < history["loss"][0]
+  vae.save(tmp_path / "vae.keras")
+  loaded = keras.saving.load_model(tmp_path / "vae.keras")
+  assert loaded.encoder.network.name == "my_encoder" and loaded.decoder.network.name == "my_decoder"
+  assert isinstance(loaded.encoder.network.layers[0], keras.layers.Conv2D)
+  seed = tf.constant([2, 2])
+  np.testing.assert_array_equal(loaded.per_example_terms(x[:16], seed)["elbo"],
+                                vae.per_example_terms(x[:16], seed)["elbo"])
+  loaded.fit(x, batch_size=50, epochs=1, verbose=0)  # and trains on from there
 
 
-def test_a_block_trains_and_evaluates_like_its_batches(mnist_slice):
-  x_train, x_test = mnist_slice  # 1000 and 200 images
-  x_train = x_train[:600]  # 12 batches of 50 an epoch: 3 blocks of 4
-  config = tfvae.ModelConfig(latent_size=4, hidden_sizes=(32,))
-  runs = []
-  for steps_per_block in (1, 4):
-    keras.utils.set_random_seed(0)
-    vae = tfvae.VAE(config, step_shards=2)
-    vae.compile(optimizer=keras.optimizers.Adam(2e-3))
-    train = data.train_pipeline(x_train, 50, seed=1, dynamic_binarization=True,
-                                steps_per_block=steps_per_block)
-    history = vae.fit(train, epochs=2, steps_per_epoch=12 // steps_per_block, verbose=0,
-                      shuffle=False)
-    test = data.eval_pipeline(data.eval_arrays(x_test, bernoulli=True, binary=False), 30,
-                              steps_per_block=steps_per_block)  # blocks of 3, 3, 1 and 1
-    runs.append((vae, history.history, vae.evaluate(test, verbose=0, return_dict=True)))
-  (batches, batch_history, batch_test), (blocks, block_history, block_test) = runs
-  # The same 24 updates with the same noise, so the same weights and metrics.
-  assert int(blocks.optimizer.iterations) == int(batches.optimizer.iterations) == 24
-  for a, b in zip(batches.weights, blocks.weights, strict=True):
-    np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-6, atol=1e-7, err_msg=a.path)
-  for name in METRIC_NAMES:
-    np.testing.assert_allclose(block_history[name], batch_history[name], rtol=1e-6)
-    np.testing.assert_allclose(block_test[name], batch_test[name], rtol=1e-6)
-  assert batch_history["loss"][1] < batch_history["loss"][0]  # it did train
+def test_a_user_network_of_the_wrong_shape_is_refused_with_what_it_must_emit():
+  config = tfvae.ModelConfig(latent_size=3)
+  encoder, decoder = _user_networks(tfvae.ModelConfig(latent_size=5))
+  with pytest.raises(ValueError, match=r"encoder network maps \[B, 28, 28, 1\] to \[B, 10\];"
+                     r" a tfvae encoder network must emit \[B, 6\]"):
+    tfvae.VAE(config, encoder_network=encoder)
+  gaussian = tfvae.ModelConfig(latent_size=5, likelihood="gaussian")  # 2 parameters a pixel
+  with pytest.raises(ValueError, match=r"must emit \[B, 28, 28, 2\]"):
+    tfvae.VAE(gaussian, decoder_network=decoder)
 
 
-def test_a_block_takes_sample_weights_per_batch(binary_batch):
-  x = np.concatenate([binary_batch] * 3).reshape(3, 8, 28, 28, 1)  # a block of 3 batches of 8
-  weights = np.random.default_rng(3).random((3, 8)).astype(np.float32)
-  config = tfvae.ModelConfig(latent_size=2, hidden_sizes=(16,))
-  vaes = []
-  for _ in range(3):
-    keras.utils.set_random_seed(0)
-    vae = tfvae.VAE(config)
-    vae.compile(optimizer=keras.optimizers.Adam(1e-2))
-    vae.optimizer.build(vae.trainable_variables)
-    vaes.append(vae)
-  block, batches, unweighted = vaes
-  block_logs = block.train_step((x, None, weights))
-  for k in range(3):
-    batch_logs = batches.train_step((x[k], None, weights[k]))
-    unweighted.train_step(x[k])
-  for name in METRIC_NAMES:
-    np.testing.assert_allclose(block_logs[name], batch_logs[name], rtol=1e-6)
-  for a, b in zip(batches.weights, block.weights, strict=True):
-    np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-6, atol=1e-7)
-  # The weights mattered: without them the updates differ.
-  assert not np.allclose(block.trainable_weights[0].numpy(),
-                         unweighted.trainable_weights[0].numpy())
+def test_config_names_no_machine_knobs(small_config):
+  assert set(tfvae.VAE(small_config).get_config()) == {"name", "trainable", "dtype",
+                                                       "model_config", "seed"}
 
 
 def test_building_a_vae_warns_about_nothing(small_config):

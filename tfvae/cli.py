@@ -6,30 +6,46 @@ FLAGS. It lives in the package (not in bin/) so that installed scripts find it.
 
 from __future__ import annotations
 
+import contextlib
 import pathlib
+import signal
 import sys
 import zipfile
+import zlib
 
 from absl import flags, logging
 
-from tfvae import config
+from tfvae import config, runtime
+from tfvae.data import sources
+from tfvae.distributions import LIKELIHOODS
 
 FLAGS = flags.FLAGS
 
+# --help's sections: flag names in the order shown; the flags are defined below.
+HELP_GROUPS = {
+    "data": ["dataset", "data_dir", "max_examples"],
+    "model": ["likelihood", "observation_scale", "latent_size", "hidden_sizes", "architecture",
+              "activation", "num_samples", "objective", "beta"],
+    "training": ["epochs", "batch_size", "optimizer", "learning_rate", "weight_decay", "seed",
+                 "eval_num_samples"],
+    "this machine (tfvae.runtime; never saved with the model)": [
+        "strategy", "mixed_precision", "steps_per_execution", "intra_op_threads"],
+    "output": ["workdir", "restart", "export_dir", "model_name"],
+}
+
 
 def define_data_flags() -> None:
-  flags.DEFINE_string("dataset", "mnist", "mnist | binarized_mnist | frey_face | npz:PATH (arrays"
-                      " x_train and x_test, uint8 0..255 or float in [0, 1]).")
+  flags.DEFINE_string("dataset", "mnist", " | ".join(sources.names()) + ".")
   flags.DEFINE_string("data_dir", None, "Folder holding <dataset>/<canonical file>; default"
                       " $TFVAE_DATA_DIR, else ~/.keras/datasets.")
 
 
 def define_model_flags() -> None:
   defaults = config.ModelConfig()
-  flags.DEFINE_enum("likelihood", defaults.likelihood, config.LIKELIHOODS,
-                    "p(x|z): bernoulli (binary pixels), gaussian (learned per-pixel scale),"
-                    " gaussian_fixed (scale --observation_scale).")
-  flags.DEFINE_float("observation_scale", None, "Pixel standard deviation of gaussian_fixed.")
+  flags.DEFINE_enum("likelihood", defaults.likelihood, list(LIKELIHOODS), "p(x|z): " + "; ".join(
+      f"{record.name} ({record.summary})" for record in LIKELIHOODS.values()) + ".")
+  flags.DEFINE_float("observation_scale", None, "Pixel standard deviation of a likelihood with"
+                     " a fixed scale (gaussian_fixed).")
   flags.DEFINE_integer("latent_size", defaults.latent_size, "Dimension of z.")
   flags.DEFINE_list("hidden_sizes", [str(h) for h in defaults.hidden_sizes],
                     "Hidden layer widths (mlp) or channels (conv), comma separated.")
@@ -55,17 +71,46 @@ def define_train_flags() -> None:
   flags.DEFINE_integer("max_examples", None, "Keep only the first N training images.")
   flags.DEFINE_integer("eval_num_samples", defaults.eval_num_samples,
                        "K of the importance-sampled test log-likelihood at the end; 0 skips.")
-  flags.DEFINE_enum("strategy", defaults.strategy, config.STRATEGIES,
+  define_runtime_flags()
+
+
+def define_runtime_flags() -> None:
+  defaults = runtime.Runtime()
+  flags.DEFINE_enum("strategy", defaults.strategy, runtime.STRATEGIES,
                     "tf.distribute strategy.")
   flags.DEFINE_bool("mixed_precision", defaults.mixed_precision,
                     "Compute in 16-bit floats; the objective stays float32.")
   flags.DEFINE_integer("steps_per_execution", defaults.steps_per_execution,
-                       "At most this many training steps per call into the compiled graph.")
-  flags.DEFINE_integer("step_shards", defaults.step_shards,
-                       "Split each batch into this many concurrent branches; 0: 2 on a"
-                       " multi-core CPU, else 1.")
+                       "At most this many optimizer steps per call into the compiled graph.")
   flags.DEFINE_integer("intra_op_threads", defaults.intra_op_threads,
-                       "Threads per TensorFlow op; 0: cores / step_shards when split.")
+                       "Threads per TensorFlow op; 0 keeps TensorFlow's default.")
+
+
+def define_output_flags() -> None:
+  flags.DEFINE_string("workdir", None, "Folder for checkpoints, logs, metrics and pictures"
+                      " (default: runs/<model_name>).")
+  flags.DEFINE_bool("restart", False, "Start over in --workdir, removing the run there (its"
+                    " checkpoints, metrics and pictures).")
+  flags.DEFINE_string("export_dir", "savedmodels", "Root of the SavedModel export:"
+                      " <export_dir>/<model_name>/<version>/.")
+  flags.DEFINE_string("model_name", None, "Name of the exported model (default:"
+                      " <dataset>_vae).")
+
+
+def help_text() -> str:
+  """tfvae's flags by section, for a script's --help (absl's own stay in --helpfull)."""
+  lines = []
+  for title, names in HELP_GROUPS.items():
+    defined = [FLAGS[name] for name in names if name in FLAGS]
+    if not defined:
+      continue
+    lines.append(f"\n{title}:")
+    for flag in defined:
+      lines.append(flags.text_wrap(f"--{flag.name}: {flag.help}", indent="      ",
+                                   firstline_indent="  "))
+      lines.append(f"    (default: {flag.default_as_str})")
+  lines.append("\n--flagfile=FILE reads flags from a file; --helpfull lists every flag.")
+  return "\n".join(lines) + "\n"
 
 
 def model_config_from_flags(image_shape) -> config.ModelConfig:
@@ -88,9 +133,14 @@ def train_config_from_flags() -> config.TrainConfig:
       dataset=FLAGS.dataset, data_dir=FLAGS.data_dir, batch_size=FLAGS.batch_size,
       epochs=FLAGS.epochs, optimizer=FLAGS.optimizer, learning_rate=FLAGS.learning_rate,
       weight_decay=FLAGS.weight_decay, seed=FLAGS.seed, max_examples=FLAGS.max_examples,
-      eval_num_samples=FLAGS.eval_num_samples, strategy=FLAGS.strategy,
-      mixed_precision=FLAGS.mixed_precision, steps_per_execution=FLAGS.steps_per_execution,
-      step_shards=FLAGS.step_shards, intra_op_threads=FLAGS.intra_op_threads)
+      eval_num_samples=FLAGS.eval_num_samples)
+
+
+def runtime_from_flags() -> runtime.Runtime:
+  """Runtime from the machine flags; raises ConfigError."""
+  return runtime.Runtime(
+      strategy=FLAGS.strategy, mixed_precision=FLAGS.mixed_precision,
+      steps_per_execution=FLAGS.steps_per_execution, intra_op_threads=FLAGS.intra_op_threads)
 
 
 def load_vae(path: str | pathlib.Path, flag: str):
@@ -105,10 +155,23 @@ def load_vae(path: str | pathlib.Path, flag: str):
     raise config.ConfigError(f"{path}: not a .keras file; {fix}")
   if not zipfile.is_zipfile(path):
     raise config.ConfigError(f"{path} is not a .keras zip archive (truncated or corrupt?); {fix}")
+  try:
+    with zipfile.ZipFile(path) as archive:
+      damaged = archive.testzip()  # reads every member against its CRC
+      names = set(archive.namelist())
+  except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as e:
+    raise config.ConfigError(f"{path} is a damaged .keras archive ({e}); {fix}") from e
+  if damaged or not {"config.json", "model.weights.h5"} <= names:
+    what = f"its member {damaged} fails its CRC" if damaged else "it lacks config.json or weights"
+    raise config.ConfigError(f"{path} is a damaged .keras archive ({what}); {fix}")
   import keras
 
   from tfvae.model import VAE
-  vae = keras.saving.load_model(path)
+  try:
+    vae = keras.saving.load_model(path)
+  except (KeyError, ValueError, TypeError, OSError) as e:
+    raise config.ConfigError(f"{path} does not load as a Keras model ({type(e).__name__}: {e});"
+                             f" {fix}") from e
   if not isinstance(vae, VAE):
     raise config.ConfigError(f"{path} holds a {type(vae).__name__}, not a tfvae.VAE; {fix}")
   return vae
@@ -124,6 +187,21 @@ def start(argv) -> None:
     fail(f"unexpected arguments {argv[1:]}; every setting is a --flag")
   if not FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
+
+
+@contextlib.contextmanager
+def interruptible(workdir):
+  """Ctrl-C or SIGTERM while inside: one line saying where the run stands, and exit 130."""
+  previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+  try:
+    yield
+  except KeyboardInterrupt:
+    from tfvae import training
+    done = training.resume_epoch(pathlib.Path(workdir) / "backup")
+    where = f"after epoch {done}" if done else "before its first epoch ended"
+    fail(f"interrupted {where}; run the same command to resume", code=130)
+  finally:
+    signal.signal(signal.SIGTERM, previous)
 
 
 def fail(message: str, code: int = 2):

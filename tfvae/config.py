@@ -11,25 +11,35 @@ import dataclasses
 import math
 from typing import Any
 
-LIKELIHOODS = ("bernoulli", "gaussian", "gaussian_fixed")
+from tfvae.data import sources
+from tfvae.distributions import LIKELIHOODS
+
 ARCHITECTURES = ("mlp", "conv")
 OBJECTIVES = ("elbo", "iwae")
-DATASETS = ("mnist", "binarized_mnist", "frey_face")
 OPTIMIZERS = ("adam", "adamw", "adagrad", "sgd", "rmsprop")
-STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
 
 
 class ConfigError(ValueError):
   """A configuration value that cannot work; the message names the field and the fix."""
 
 
-def _require(condition: bool, message: str) -> None:
+def require(condition: bool, message: str) -> None:
+  """Raises ConfigError(message) unless condition."""
   if not condition:
     raise ConfigError(message)
 
 
-def _one_of(name: str, value: str, choices: tuple[str, ...]) -> None:
-  _require(value in choices, f"{name}={value!r} is not one of {', '.join(choices)}")
+def _one_of(name: str, value: str, choices) -> None:
+  require(value in choices, f"{name}={value!r} is not one of {', '.join(choices)}")
+
+
+def _require_activation(name: str) -> None:
+  import keras  # here: configs built without a model stay light
+  try:
+    keras.activations.get(name)
+  except (ValueError, TypeError):
+    raise ConfigError(f"activation={name!r} is not a Keras activation; use e.g. relu, tanh,"
+                      f" elu, gelu or softplus") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,8 +54,9 @@ class ModelConfig:
     architecture: "mlp" (as in the paper) or "conv".
     activation: any Keras activation name for the hidden layers (the paper used tanh; relu
       reaches a better bound in the same time with Adam).
-    likelihood: "bernoulli" (binary pixels, from logits), "gaussian" (learned per-pixel scale,
-      paper appendix C) or "gaussian_fixed" (scale = observation_scale).
+    likelihood: a name in tfvae.distributions.LIKELIHOODS: "bernoulli" (binary pixels, from
+      logits), "gaussian" (learned per-pixel scale, paper appendix C) or "gaussian_fixed"
+      (scale = observation_scale).
     observation_scale: the fixed pixel standard deviation of "gaussian_fixed".
     num_samples: L, the Monte Carlo samples of z per example (K for the IWAE bound).
     objective: "elbo" (Kingma & Welling, eq. 10) or "iwae" (Burda et al., 2015).
@@ -67,34 +78,36 @@ class ModelConfig:
     # Normalize sequences so configs from JSON (lists) compare equal to configs from code.
     object.__setattr__(self, "image_shape", tuple(int(d) for d in self.image_shape))
     object.__setattr__(self, "hidden_sizes", tuple(int(h) for h in self.hidden_sizes))
-    _require(len(self.image_shape) == 3 and all(d > 0 for d in self.image_shape),
-             f"image_shape={self.image_shape} must be (height, width, channels), all positive")
-    _require(self.latent_size >= 1,
-             f"latent_size={self.latent_size} must be at least 1 (the paper uses 2 to 200)")
-    _require(len(self.hidden_sizes) >= 1 and all(h >= 1 for h in self.hidden_sizes),
-             f"hidden_sizes={self.hidden_sizes} needs at least one positive width, e.g. 500")
+    require(len(self.image_shape) == 3 and all(d > 0 for d in self.image_shape),
+            f"image_shape={self.image_shape} must be (height, width, channels), all positive")
+    require(self.latent_size >= 1,
+            f"latent_size={self.latent_size} must be at least 1 (the paper uses 2 to 200)")
+    require(len(self.hidden_sizes) >= 1 and all(h >= 1 for h in self.hidden_sizes),
+            f"hidden_sizes={self.hidden_sizes} needs at least one positive width, e.g. 500")
     _one_of("architecture", self.architecture, ARCHITECTURES)
+    _require_activation(self.activation)
     _one_of("likelihood", self.likelihood, LIKELIHOODS)
     _one_of("objective", self.objective, OBJECTIVES)
-    _require(self.num_samples >= 1, f"num_samples={self.num_samples} must be at least 1")
-    _require(not (self.objective == "iwae" and self.num_samples < 2),
-             "objective=iwae with num_samples=1 is just the ELBO; pass --num_samples=K with K >= 2"
-             " (Burda et al. use K=5 or 50)")
-    _require(math.isfinite(self.beta) and self.beta >= 0,
-             f"beta={self.beta} must be a finite number >= 0 (1 is the ELBO, 0 an auto-encoder)")
-    _require(self.objective != "iwae" or self.beta == 1.0,
-             f"objective=iwae has no KL weight; drop --beta={self.beta} or use --objective=elbo")
-    if self.likelihood == "gaussian_fixed":
-      _require(self.observation_scale is not None and math.isfinite(self.observation_scale)
+    require(self.num_samples >= 1, f"num_samples={self.num_samples} must be at least 1")
+    require(not (self.objective == "iwae" and self.num_samples < 2),
+            "objective=iwae with num_samples=1 is just the ELBO; pass --num_samples=K with K >= 2"
+            " (Burda et al. use K=5 or 50)")
+    require(math.isfinite(self.beta) and self.beta >= 0,
+            f"beta={self.beta} must be a finite number >= 0 (1 is the ELBO, 0 an auto-encoder)")
+    require(self.objective != "iwae" or self.beta == 1.0,
+            f"objective=iwae has no KL weight; drop --beta={self.beta} or use --objective=elbo")
+    if LIKELIHOODS[self.likelihood].fixed_scale:
+      require(self.observation_scale is not None and math.isfinite(self.observation_scale)
                and self.observation_scale > 0,
                "likelihood=gaussian_fixed needs a positive --observation_scale, e.g. 0.1")
     else:
-      _require(self.observation_scale is None,
-               f"observation_scale is only used by likelihood=gaussian_fixed, not"
-               f" {self.likelihood}; drop --observation_scale or pass --likelihood=gaussian_fixed")
+      require(self.observation_scale is None,
+               f"observation_scale is only used by a likelihood with a fixed scale"
+               f" (gaussian_fixed), not {self.likelihood}; drop --observation_scale or pass"
+               f" --likelihood=gaussian_fixed")
     if self.architecture == "conv":
       height, width, _ = self.image_shape
-      _require(height % 4 == 0 and width % 4 == 0,
+      require(height % 4 == 0 and width % 4 == 0,
                f"architecture=conv halves the image twice, so height and width must be multiples"
                f" of 4, not {height}x{width}; use --architecture=mlp")
 
@@ -112,10 +125,12 @@ class ModelConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-  """How to train: data, optimization, randomness, outputs.
+  """How to train: data, optimization, randomness. How this machine runs it is a
+  tfvae.runtime.Runtime, never part of the run's configuration.
 
   Attributes:
-    dataset: "mnist", "binarized_mnist", "frey_face" or "npz:PATH".
+    dataset: a source of tfvae.data.sources: "mnist", "binarized_mnist", "frey_face" or
+      "npz:PATH".
     data_dir: folder holding <dataset>/<canonical file>; None means $TFVAE_DATA_DIR, else the
       Keras cache (~/.keras/datasets).
     batch_size: M, examples per step.
@@ -126,19 +141,6 @@ class TrainConfig:
     seed: seeds weights, shuffling, binarization and the reparameterization noise.
     max_examples: keep only the first N training examples (quick runs); None keeps all.
     eval_num_samples: K for the importance-sampled test log-likelihood at the end; 0 skips it.
-    strategy: tf.distribute strategy name.
-    mixed_precision: compute in 16-bit floats, keep the objective in float32.
-    steps_per_execution: at most this many training steps per call into the compiled graph;
-      larger values amortize the several milliseconds each call costs. train() takes the
-      largest divisor K of the steps per epoch up to this value and feeds the model blocks of
-      K batches (one tf.data element and one Keras step per K optimizer steps; see
-      tfvae.VAE.train_step). Under the mirrored and multi_worker strategies the model is fed
-      batches and loops over K of them per call itself; under tpu, 1.
-    step_shards: independent branches each training batch is split into (see tfvae.VAE);
-      0 picks `tfvae.training.default_step_shards()`: 2 on a multi-core CPU, else 1.
-    intra_op_threads: threads each TensorFlow op may use; 0 picks the machine's cores divided
-      by step_shards when the batch is split, else TensorFlow's own default. Takes effect only
-      before TensorFlow has run its first op in the process (bin/train always is).
   """
 
   dataset: str = "mnist"
@@ -151,33 +153,21 @@ class TrainConfig:
   seed: int = 0
   max_examples: int | None = None
   eval_num_samples: int = 0
-  strategy: str = "default"
-  mixed_precision: bool = False
-  steps_per_execution: int = 100
-  step_shards: int = 0
-  intra_op_threads: int = 0
 
   def __post_init__(self):
-    if not self.dataset.startswith("npz:"):
-      _require(self.dataset in DATASETS,
-               f"dataset={self.dataset!r} is not one of {', '.join(DATASETS)} or npz:PATH")
-    else:
-      _require(len(self.dataset) > 4, "dataset=npz: needs a path, e.g. npz:/data/faces.npz")
-    _require(self.batch_size >= 1, f"batch_size={self.batch_size} must be at least 1")
-    _require(self.epochs >= 1, f"epochs={self.epochs} must be at least 1")
+    try:
+      sources.parse(self.dataset)
+    except ValueError as e:
+      raise ConfigError(str(e)) from None
+    require(self.batch_size >= 1, f"batch_size={self.batch_size} must be at least 1")
+    require(self.epochs >= 1, f"epochs={self.epochs} must be at least 1")
+    require(0 <= self.seed < 2**31, f"seed={self.seed} must be in [0, 2**31), e.g. 0")
     _one_of("optimizer", self.optimizer, OPTIMIZERS)
-    _require(math.isfinite(self.learning_rate) and self.learning_rate > 0,
-             f"learning_rate={self.learning_rate} must be a positive number, e.g. 1e-3")
-    _require(math.isfinite(self.weight_decay) and self.weight_decay >= 0,
-             f"weight_decay={self.weight_decay} must be >= 0")
-    _require(self.max_examples is None or self.max_examples >= 1,
-             f"max_examples={self.max_examples} must be at least 1 (or unset for all)")
-    _require(self.eval_num_samples >= 0,
-             f"eval_num_samples={self.eval_num_samples} must be >= 0 (0 skips the estimate)")
-    _one_of("strategy", self.strategy, STRATEGIES)
-    _require(self.steps_per_execution >= 1,
-             f"steps_per_execution={self.steps_per_execution} must be at least 1")
-    _require(self.step_shards >= 0,
-             f"step_shards={self.step_shards} must be >= 0 (0 picks one for the machine)")
-    _require(self.intra_op_threads >= 0,
-             f"intra_op_threads={self.intra_op_threads} must be >= 0 (0 picks a default)")
+    require(math.isfinite(self.learning_rate) and self.learning_rate > 0,
+            f"learning_rate={self.learning_rate} must be a positive number, e.g. 1e-3")
+    require(math.isfinite(self.weight_decay) and self.weight_decay >= 0,
+            f"weight_decay={self.weight_decay} must be >= 0")
+    require(self.max_examples is None or self.max_examples >= 1,
+            f"max_examples={self.max_examples} must be at least 1 (or unset for all)")
+    require(self.eval_num_samples >= 0,
+            f"eval_num_samples={self.eval_num_samples} must be >= 0 (0 skips the estimate)")

@@ -8,6 +8,9 @@ no scale reaches 0.
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
+
 import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
@@ -124,20 +127,44 @@ def _gaussian_fixed(params: tf.Tensor, observation_scale: float | None) -> tfd.D
                          reinterpreted_batch_ndims=3)
 
 
-# name -> (parameters per pixel and channel, builder(params [..., H, W, C * k], scale)).
-LIKELIHOODS = {
-    "bernoulli": (1, _bernoulli),
-    "gaussian": (2, _gaussian),
-    "gaussian_fixed": (1, _gaussian_fixed),
-}
+@dataclasses.dataclass(frozen=True)
+class Likelihood:
+  """One likelihood p(x|z): what config validation, the CLI, the networks and the data read.
+
+  Attributes:
+    name: the --likelihood value.
+    params_per_value: raw decoder outputs per pixel-channel (the decoder emits C * k channels).
+    build: (params [..., H, W, C * k], observation_scale) -> a distribution with event shape
+      [H, W, C].
+    data: what it models: "binary" (grey levels are binarized for it), "8-bit" or "real".
+    fixed_scale: whether it takes --observation_scale.
+    summary: one line for --help.
+  """
+
+  name: str
+  params_per_value: int
+  build: Callable[[tf.Tensor, float | None], tfd.Distribution]
+  data: str
+  fixed_scale: bool = False
+  summary: str = ""
+
+
+LIKELIHOODS = {record.name: record for record in (
+    Likelihood("bernoulli", 1, _bernoulli, "binary",
+               summary="binary pixels, from logits"),
+    Likelihood("gaussian", 2, _gaussian, "real",
+               summary="grey levels in [0, 1], learned per-pixel scale"),
+    Likelihood("gaussian_fixed", 1, _gaussian_fixed, "real", fixed_scale=True,
+               summary="grey levels in [0, 1], scale --observation_scale"),
+)}
 
 
 def params_per_pixel(likelihood: str) -> int:
   """How many raw decoder outputs each pixel-channel needs for `likelihood`."""
-  return LIKELIHOODS[likelihood][0]
+  return LIKELIHOODS[likelihood].params_per_value
 
 
 def make_likelihood(likelihood: str, params: tf.Tensor,
                     observation_scale: float | None = None) -> tfd.Distribution:
   """p(x|z) with event shape [H, W, C] from raw decoder outputs [..., H, W, C * k]."""
-  return LIKELIHOODS[likelihood][1](params, observation_scale)
+  return LIKELIHOODS[likelihood].build(params, observation_scale)

@@ -39,10 +39,15 @@ def build_encoder_network(config: ModelConfig) -> keras.Sequential:
   return keras.Sequential(layers, name="encoder_network")
 
 
+def decoder_output_shape(config: ModelConfig) -> tuple[int, int, int]:
+  """(H, W, C * k): a decoder network's output for one latent, k raw parameters per value."""
+  height, width, channels = config.image_shape
+  return height, width, channels * params_per_pixel(config.likelihood)
+
+
 def build_decoder_network(config: ModelConfig) -> keras.Sequential:
   """z [B, latent_size] -> [B, H, W, C * k]: the generative model's raw parameters."""
-  height, width, channels = config.image_shape
-  out_channels = channels * params_per_pixel(config.likelihood)
+  height, width, out_channels = decoder_output_shape(config)
   layers: list[keras.layers.Layer] = [keras.Input(shape=(config.latent_size,), name="z")]
   if config.architecture == "mlp":
     layers += _dense_stack(config, reversed(config.hidden_sizes), "decoder")

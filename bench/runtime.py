@@ -1,0 +1,120 @@
+"""What each piece of tfvae.runtime buys bin/train: an interleaved A/B, one epoch per trainer.
+
+  TFVAE_DATA_DIR=../shared/data python bench/runtime.py --rounds=6
+
+bin/train's default run (MNIST binarized afresh each epoch, 784-500-20 ReLU MLP, M = 100,
+Adam 1e-3) timed as bin/train trains it and with one piece changed at a time. Each round starts
+a fresh process per thread setting (threads per op are fixed for a process), one after the
+other; inside a process each trainer first trains a warm-up epoch (tracing), then every trainer
+trains one timed epoch in turn. The table gives each trainer's median examples/s over the
+rounds and its ratio to the default. Results: docs/BENCHMARKS.md.
+"""
+
+import contextlib
+import json
+import os
+import pathlib
+import statistics
+import subprocess
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+
+from absl import app, flags  # noqa: E402
+
+flags.DEFINE_integer("rounds", 6, "Timed rounds (each a fresh process per thread setting).")
+flags.DEFINE_string("worker", None, "Internal: run one round of this process's trainers.")
+FLAGS = flags.FLAGS
+
+DEFAULT = "bin/train's Runtime(): 100 steps per call, fused Adam"
+# process (threads per op) -> trainers: name -> (Runtime changes, or None for Runtime.plain(),
+# and other changes).
+PROCESSES = {
+    "TensorFlow's threads": {
+        DEFAULT: ({}, {}),
+        "Keras's Adam update": ({"fused_adam": False}, {}),
+        "tfd.Bernoulli's log_prob": ({}, {"tfd_bernoulli": True}),
+        "Runtime.plain(): Keras as it comes, 1 step per call": (None, {}),
+    },
+}
+
+
+@contextlib.contextmanager
+def _likelihood(tfd_bernoulli: bool):
+  """While tracing: the Bernoulli likelihood as tfvae builds it, or through tfd.Bernoulli."""
+  import dataclasses
+
+  import tensorflow_probability as tfp
+
+  from tfvae import distributions
+  saved = distributions.LIKELIHOODS["bernoulli"]
+  if tfd_bernoulli:
+    tfd = tfp.distributions
+    distributions.LIKELIHOODS["bernoulli"] = dataclasses.replace(saved, build=lambda p, _: (
+        tfd.Independent(tfd.Bernoulli(logits=p, dtype=p.dtype), reinterpreted_batch_ndims=3)))
+  try:
+    yield
+  finally:
+    distributions.LIKELIHOODS["bernoulli"] = saved
+
+
+def _worker(process: str) -> dict[str, float]:
+  import dataclasses
+
+  import keras
+
+  import tfvae
+  from tfvae import data
+  base = tfvae.Runtime(intra_op_threads={"TensorFlow's threads": 0}[process])
+  base.configure_threads()
+  dataset = data.load("mnist")
+  steps = data.steps_per_epoch(len(dataset.x_train), 100)
+  strategy = base.make_strategy()
+  epochs = {}
+  with contextlib.ExitStack() as stack:
+    for name, (changes, other) in PROCESSES[process].items():
+      runtime = tfvae.Runtime.plain() if changes is None else dataclasses.replace(base, **changes)
+      batches, steps_per_call = runtime.training_stream(
+          dataset.x_train, 100, seed=0, dynamic_binarization=True, strategy=strategy)
+      vae = tfvae.VAE(tfvae.ModelConfig())
+      vae.compile(optimizer=keras.optimizers.Adam(1e-3))
+      stack.enter_context(runtime.attach(vae, steps_per_call))
+
+      def epoch(vae=vae, batches=batches):
+        start = time.perf_counter()
+        vae.fit(batches, epochs=1, steps_per_epoch=steps, verbose=0, shuffle=False)
+        return steps * 100 / (time.perf_counter() - start)
+
+      with _likelihood(other.get("tfd_bernoulli", False)):
+        epoch()  # warm-up: traces the step
+      epochs[name] = epoch
+    return {name: epoch() for name, epoch in epochs.items()}
+
+
+def main(argv):
+  del argv
+  if FLAGS.worker:
+    print(json.dumps(_worker(FLAGS.worker)))
+    return
+  results: dict[str, list[float]] = {}
+  for round_ in range(FLAGS.rounds):
+    for process in PROCESSES:
+      output = subprocess.run([sys.executable, __file__, f"--worker={process}"], check=True,
+                              capture_output=True, text=True).stdout
+      for name, value in json.loads(output.strip().splitlines()[-1]).items():
+        results.setdefault(name, []).append(value)
+    print(f"round {round_ + 1}: " + ", ".join(f"{v[-1]:,.0f}" for v in results.values()),
+          flush=True)
+  default = statistics.median(results[DEFAULT])
+  print("\n| trainer | examples/s (median) | against the default | each round |")
+  print("|---|---|---|---|")
+  for name, values in results.items():
+    median = statistics.median(values)
+    print(f"| {name} | {median:,.0f} | {median / default:.3f} |"
+          f" {' / '.join(f'{v:,.0f}' for v in values)} |")
+
+
+if __name__ == "__main__":
+  app.run(main)

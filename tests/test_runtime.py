@@ -1,0 +1,218 @@
+"""tfvae.runtime: what it changes about training (nothing but the speed) and its defaults."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import tfvae
+from tfvae import data, export, runtime, training
+from tfvae.model import METRIC_NAMES
+
+
+def _fit(x, config, rt, epochs=2, batch_size=50, decoder_network=None, validation=None):
+  """Trains a fresh VAE (seed 0) on x under rt as train() does; returns (vae, history)."""
+  keras.utils.set_random_seed(0)
+  steps = data.steps_per_epoch(len(x), batch_size)
+  steps_per_call = rt.steps_per_call(steps)
+  batches = data.train_pipeline(x, batch_size, seed=1, dynamic_binarization=True)
+  vae = tfvae.VAE(config, decoder_network=decoder_network)
+  vae.compile(optimizer=keras.optimizers.Adam(2e-3))
+  with rt.attach(vae, steps_per_call):
+    history = vae.fit(batches, epochs=epochs, steps_per_epoch=steps, shuffle=False, verbose=0,
+                      validation_data=validation)
+  return vae, history.history
+
+
+def _assert_same_training(a, b, history_a, history_b, rtol=1e-6, atol=1e-7):
+  assert int(a.optimizer.iterations) == int(b.optimizer.iterations)
+  for wa, wb in zip(a.weights, b.weights, strict=True):
+    np.testing.assert_allclose(wb.numpy(), wa.numpy(), rtol=rtol, atol=atol, err_msg=wa.path)
+  for name in history_a:
+    np.testing.assert_allclose(history_b[name], history_a[name], rtol=rtol, err_msg=name)
+
+
+@pytest.mark.parametrize("steps_per_execution", [4, 5])
+def test_steps_per_call_train_exactly_like_one_step_per_call(mnist_slice, steps_per_execution):
+  # 12 steps an epoch: calls of 4 steps (5 is cut to 4, a divisor, so no call spans epochs).
+  x_train, x_test = mnist_slice
+  config = tfvae.ModelConfig(latent_size=4, hidden_sizes=(32,))
+  test = data.eval_pipeline(data.eval_arrays(x_test, bernoulli=True, binary=False), 30)
+  plain, plain_history = _fit(x_train[:600], config, tfvae.Runtime.plain(), validation=test)
+  fast, fast_history = _fit(x_train[:600], config, tfvae.Runtime(
+      steps_per_execution=steps_per_execution, fused_adam=False), validation=test)
+  assert int(fast.optimizer.iterations) == 2 * 12
+  _assert_same_training(plain, fast, plain_history, fast_history)
+  assert plain_history["loss"][1] < plain_history["loss"][0]  # it did train
+
+
+def test_attach_leaves_a_plain_model(mnist_slice, tmp_path):
+  config = tfvae.ModelConfig(latent_size=4, hidden_sizes=(32,))
+  vae, _ = _fit(mnist_slice[0][:200], config, tfvae.Runtime(steps_per_execution=2))
+  assert "update_step" not in vae.optimizer.__dict__ and vae.steps_per_execution == 1
+  vae.save(tmp_path / "vae.keras")
+  saved = (tmp_path / "vae.keras").read_bytes()
+  for knob in (b"steps_per_execution\": 2", b"intra_op", b"fused"):
+    assert knob not in saved
+
+
+def test_steps_per_call_divide_the_epoch_and_say_when_few(caplog):
+  # A call must end with the epoch: the largest divisor up to the limit, 469 = 7 x 67.
+  assert tfvae.Runtime().steps_per_call(469) == 67
+  assert tfvae.Runtime().steps_per_call(17) == 17
+  assert tfvae.Runtime(strategy="mirrored").steps_per_call(600) == 100
+  assert "no divisor" not in caplog.text
+  assert tfvae.Runtime().steps_per_call(8571) == 3  # 3 x 2857, a prime
+  assert ("An epoch of 8571 steps has no divisor between 50 and 100, so each graph call runs 3"
+          " steps") in caplog.text
+  assert tfvae.Runtime(strategy="tpu").steps_per_call(600) == 1  # Keras's own, one a call
+
+
+def test_threads_are_set_only_when_asked():
+  # TensorFlow already runs in this process: an explicit setting fails with the fix; the
+  # default (0) leaves TensorFlow's threads alone.
+  with pytest.raises(tfvae.ConfigError, match="intra_op_threads=3 cannot be applied"):
+    tfvae.Runtime(intra_op_threads=3).configure_threads()
+  tfvae.Runtime().configure_threads()
+
+
+@pytest.mark.parametrize("field, value", [("strategy", "horovod"), ("intra_op_threads", -2),
+                                          ("steps_per_execution", 0)])
+def test_bad_runtime_values_fail_with_one_line(field, value):
+  with pytest.raises(tfvae.ConfigError, match=f"{field}={value!r}"):
+    tfvae.Runtime(**{field: value})
+
+
+@pytest.mark.parametrize("make", [
+    lambda: keras.optimizers.Adam(2e-3),
+    lambda: keras.optimizers.AdamW(2e-3, weight_decay=0.1),
+    lambda: keras.optimizers.Adam(2e-3, amsgrad=True),  # not fused: Keras's own update
+])
+def test_the_fused_adam_update_is_keras_adam(mnist_slice, make):
+  x = data.eval_arrays(mnist_slice[0][:400], bernoulli=True, binary=False)
+  config = tfvae.ModelConfig(latent_size=3, hidden_sizes=(16,))
+  runs = []
+  for fused in (False, True):
+    keras.utils.set_random_seed(0)
+    vae = tfvae.VAE(config)
+    vae.compile(optimizer=make())
+    with tfvae.Runtime(steps_per_execution=1, fused_adam=fused).attach(vae):
+      history = vae.fit(x, batch_size=50, epochs=2, verbose=0, shuffle=False).history
+    assert "update_step" not in vae.optimizer.__dict__  # Keras's own again
+    runs.append((vae, history))
+  (keras_adam, keras_history), (fused_adam, fused_history) = runs
+  # A different kernel rounds differently: weights agree to about 1e-6 after 16 steps of 2e-3.
+  _assert_same_training(keras_adam, fused_adam, keras_history, fused_history, rtol=1e-4,
+                        atol=3e-6)
+
+
+def test_fit_on_its_own_takes_keras_steps_per_execution(binary_batch, small_config):
+  # No runtime: Keras's own multi-step function, the same updates as one step per call.
+  runs = []
+  for steps in (1, 3):
+    keras.utils.set_random_seed(0)
+    vae = tfvae.VAE(small_config)
+    vae.compile(optimizer="adam", steps_per_execution=steps)
+    history = vae.fit(np.concatenate([binary_batch] * 4), batch_size=4, epochs=2, verbose=0,
+                      shuffle=False)
+    runs.append((vae, history.history))
+  (one, one_history), (three, three_history) = runs
+  _assert_same_training(one, three, one_history, three_history)
+  assert set(METRIC_NAMES) <= set(one_history)
+
+
+def test_mixed_precision_computes_in_16_bits_and_keeps_the_objective_float32(tmp_path,
+                                                                             toy_dataset):
+  dataset = toy_dataset(2, 300, 30)
+  config = training.model_config_for(dataset, latent_size=2, hidden_sizes=(16,))
+  result = training.train(config, tfvae.TrainConfig(epochs=2), tmp_path, dataset=dataset,
+                          verbose=0, runtime=tfvae.Runtime(mixed_precision=True))
+  # float16 with a GPU (the GPU branch has its own test below, which runs on any machine).
+  half = "float16" if tf.config.list_logical_devices("GPU") else "bfloat16"
+  dense = result.vae.encoder.network.layers[1]
+  assert dense.dtype_policy.name == f"mixed_{half}"
+  assert dense.compute_dtype == half and dense.variable_dtype == "float32"
+  terms = result.vae.per_example_terms(data.eval_arrays(dataset.x_test, True, False),
+                                       np.array([1, 2], np.int32))
+  assert all(t.dtype == "float32" and np.all(np.isfinite(t)) for t in terms.values())
+  assert result.history["loss"][-1] < result.history["loss"][0]
+  assert keras.mixed_precision.global_policy().name == "float32"  # restored
+
+
+def test_mixed_float16_as_on_a_gpu_scales_the_loss_through_the_optimizer(tmp_path, monkeypatch,
+                                                                        toy_dataset):
+  # The GPU branch of --mixed_precision, run on the CPU (TensorFlow has float16 CPU kernels).
+  monkeypatch.setattr(runtime, "mixed_precision_policy", lambda: "mixed_float16")
+  dataset = toy_dataset(3, 320, 32)
+  config = training.model_config_for(dataset, latent_size=2, hidden_sizes=(16,))
+  train_config = tfvae.TrainConfig(epochs=3, batch_size=32, eval_num_samples=0)
+  half = training.train(config, train_config, tmp_path / "half", dataset=dataset, verbose=0,
+                        runtime=tfvae.Runtime(mixed_precision=True))
+  full = training.train(config, train_config, tmp_path / "full", dataset=dataset, verbose=0)
+
+  vae = half.vae
+  assert vae.encoder.network.layers[1].compute_dtype == "float16"
+  optimizer = vae.optimizer
+  assert isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
+  assert isinstance(optimizer.inner_optimizer, keras.optimizers.Adam)
+  assert int(optimizer.iterations) == 3 * 10  # no step was skipped for overflow
+  # The same data, seed and noise in float32 train to nearly the same loss.
+  np.testing.assert_allclose(half.history["loss"], full.history["loss"], rtol=1e-4)
+  terms = vae.per_example_terms(data.eval_arrays(dataset.x_test, True, False),
+                                np.array([1, 2], np.int32))
+  assert all(t.dtype == "float32" and np.all(np.isfinite(t)) for t in terms.values())
+
+  # The step multiplies the loss by the dynamic scale before the float16 backward pass: at
+  # 2**60 the float16 gradients overflow, so the optimizer skips the update and halves the
+  # scale. (Without the scaling the gradients would be finite and the weights would move.)
+  weights = [w.numpy() for w in vae.trainable_variables]
+  optimizer.dynamic_scale.assign(2.0**60)
+  vae.train_on_batch(dataset.x_train[:32])
+  assert float(optimizer.dynamic_scale) == 2.0**59
+  assert int(optimizer.iterations) == 3 * 10
+  for before, after in zip(weights, vae.trainable_variables, strict=True):
+    np.testing.assert_array_equal(before, after.numpy())
+  optimizer.dynamic_scale.assign(2.0**10)  # a finite step at a sane scale moves them
+  vae.train_on_batch(dataset.x_train[:32])
+  assert int(optimizer.iterations) == 3 * 10 + 1
+  assert not np.array_equal(weights[0], vae.trainable_variables[0].numpy())
+
+  # The checkpoint reloads with its loss-scaled optimizer, and the export serves float32.
+  reloaded = keras.models.load_model(half.workdir / "last.keras")
+  assert isinstance(reloaded.optimizer.inner_optimizer, keras.optimizers.Adam)
+  path = export.export(vae, tmp_path / "export", "toy")
+  outputs = tf.saved_model.load(str(path)).signatures["serving_default"](
+      x=data.to_unit_float(data.eval_arrays(dataset.x_test[:4], True, False)))
+  assert outputs["elbo"].dtype == tf.float32 and np.all(np.isfinite(outputs["elbo"]))
+
+
+@pytest.mark.parametrize("flags_line, lacks", [
+    ("flags\t\t: fpu sse2 avx2 avx512f avx512_vnni", True),  # Ice Lake: no bfloat16
+    ("flags\t\t: fpu avx2 avx512f avx512_bf16 amx_bf16 amx_tile", False),  # Sapphire Rapids
+    ("Features\t: fp asimd sve bf16 i8mm", False),  # Arm Neoverse V1
+    ("processor\t: 0", False),  # no flags listed: nothing known, no warning
+])
+def test_cpu_lacks_bfloat16_reads_the_cpu_flags(tmp_path, monkeypatch, flags_line, lacks):
+  cpuinfo = tmp_path / "cpuinfo"
+  cpuinfo.write_text(f"processor\t: 0\n{flags_line}\n\nprocessor\t: 1\n{flags_line}\n")
+  monkeypatch.setattr(runtime, "_CPUINFO", cpuinfo)
+  assert runtime.cpu_lacks_bfloat16() is lacks
+
+
+def test_mixed_precision_warns_on_a_cpu_without_bfloat16(tmp_path, monkeypatch, caplog):
+  cpuinfo = tmp_path / "cpuinfo"
+  cpuinfo.write_text("flags\t\t: fpu sse2 avx2 avx512f\n")
+  monkeypatch.setattr(runtime, "_CPUINFO", cpuinfo)
+  with runtime.dtype_policy(False):
+    pass
+  assert "bfloat16" not in caplog.text  # float32: nothing to warn about
+  with runtime.dtype_policy(True):
+    policy = keras.mixed_precision.global_policy().name
+  if tf.config.list_logical_devices("GPU"):
+    assert policy == "mixed_float16" and "bfloat16" not in caplog.text
+  else:
+    assert policy == "mixed_bfloat16"
+    assert "no bfloat16 instructions" in caplog.text and "(--mixed_precision) off" in caplog.text
+  missing = tmp_path / "missing"
+  monkeypatch.setattr(runtime, "_CPUINFO", missing)
+  assert not runtime.cpu_lacks_bfloat16()  # unknown CPU: no warning

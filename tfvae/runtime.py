@@ -1,0 +1,376 @@
+"""How this machine runs training: steps per call, fused Adam, threads, strategy, precision.
+
+A tfvae.VAE trains one batch per `train_step` wherever it runs. A `Runtime` makes that fast on
+a given machine from outside the model, the way an experiment wraps an untouched step function
+in a scan and a pmap:
+
+  steps per call   K training steps in one call into the compiled graph: Keras's own
+                   steps_per_execution; under mirrored and multi_worker, where Keras's fails, a
+                   graph loop of tfvae's.
+  threads          TensorFlow's threads per op, if set.
+  fused Adam       Keras's Adam update in one kernel per variable.
+  strategy         a tf.distribute strategy: mirrored, multi_worker or tpu.
+  mixed precision  16-bit compute, float32 objective.
+
+`train()` takes a Runtime; bin/train passes `Runtime()`, tuned for the machine it runs on.
+From Python it is opt-in:
+
+  runtime = tfvae.Runtime()                  # this machine's defaults
+  runtime.configure_threads()                # before any TensorFlow work
+  strategy = runtime.make_strategy()
+  batches, steps_per_call = runtime.training_stream(x_train, batch_size, seed=0,
+                                                    dynamic_binarization=True,
+                                                    strategy=strategy)
+  with runtime.scope(strategy):
+    vae = tfvae.VAE(config)
+    vae.compile(optimizer=keras.optimizers.Adam(1e-3))
+  with runtime.attach(vae, steps_per_call):
+    vae.fit(batches, steps_per_epoch=len(x_train) // batch_size, epochs=10, shuffle=False)
+
+Nothing here is saved with a model: `vae.save` and the SavedModel see the plain VAE.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import os
+import pathlib
+
+import keras
+import tensorflow as tf
+from absl import logging
+
+from tfvae.config import ConfigError, require
+from tfvae.data import steps_per_epoch, train_pipeline
+from tfvae.data import to_unit_float as _to_unit_float
+
+STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
+
+
+def available_cores() -> int:
+  """The CPU cores this process may run on (its affinity; all of the machine's elsewhere)."""
+  try:
+    return len(os.sched_getaffinity(0))
+  except AttributeError:  # not on Linux
+    return os.cpu_count() or 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Runtime:
+  """How to run training on this machine; see the module docstring.
+
+  Attributes:
+    strategy: "default", "mirrored" (all local devices), "multi_worker" (TF_CONFIG) or "tpu".
+    mixed_precision: compute in mixed_float16 on a GPU, mixed_bfloat16 elsewhere; the
+      objective stays float32.
+    steps_per_execution: at most this many training steps per call into the compiled graph.
+    intra_op_threads: TensorFlow's threads per op; 0 keeps TensorFlow's default. Takes effect
+      only before TensorFlow's first op.
+    fused_adam: update keras.optimizers.Adam and AdamW with one ResourceApplyAdam kernel per
+      variable (the same update, in one pass over its memory instead of a dozen).
+  """
+
+  strategy: str = "default"
+  mixed_precision: bool = False
+  steps_per_execution: int = 100
+  intra_op_threads: int = 0
+  fused_adam: bool = True
+
+  def __post_init__(self):
+    require(self.strategy in STRATEGIES,
+            f"strategy={self.strategy!r} is not one of {', '.join(STRATEGIES)}")
+    require(self.steps_per_execution >= 1,
+            f"steps_per_execution={self.steps_per_execution} must be at least 1")
+    require(self.intra_op_threads >= 0,
+            f"intra_op_threads={self.intra_op_threads} must be >= 0 (0 keeps TensorFlow's)")
+
+  @classmethod
+  def plain(cls) -> Runtime:
+    """Keras as it comes: one step per call, Keras's Adam update."""
+    return cls(steps_per_execution=1, fused_adam=False)
+
+  @property
+  def pipeline_threads(self) -> int:
+    """Threads that make training batches: up to 8, the cores this process may use."""
+    return min(8, available_cores())
+
+  def configure_threads(self) -> None:
+    """Sets TensorFlow's threads per op, if intra_op_threads asks for a number.
+
+    Raises:
+      ConfigError: TensorFlow has run an op already, which fixes its thread pools.
+    """
+    if not self.intra_op_threads:
+      return
+    try:
+      tf.config.threading.set_intra_op_parallelism_threads(self.intra_op_threads)
+    except RuntimeError as e:
+      raise ConfigError(f"intra_op_threads={self.intra_op_threads} cannot be applied:"
+                        f" TensorFlow already ran an op in this process ({e}); set it before"
+                        f" any TensorFlow work, or leave it at 0") from e
+
+  def make_strategy(self) -> tf.distribute.Strategy:
+    return make_strategy(self.strategy)
+
+  @contextlib.contextmanager
+  def scope(self, strategy: tf.distribute.Strategy | None = None):
+    """Builds models under the strategy and the mixed-precision policy."""
+    strategy = strategy or tf.distribute.get_strategy()
+    with strategy.scope(), dtype_policy(self.mixed_precision):
+      yield
+
+  def steps_per_call(self, steps_per_epoch: int) -> int:
+    """Training steps per graph call for epochs of steps_per_epoch steps.
+
+    The largest divisor of the epoch's steps up to steps_per_execution, so that no call runs
+    past an epoch of the endless training stream (that would shift every later epoch's data);
+    a warning says so when that divisor is under half the limit. Under tpu, 1 (Keras's
+    multi-step function there is untested with tfvae).
+    """
+    limit = min(self.steps_per_execution, steps_per_epoch)
+    if self.strategy == "tpu":
+      if limit > 1:
+        logging.warning("steps_per_execution=%d is not supported under strategy=tpu; using 1.",
+                        limit)
+      return 1
+    divisor = max(d for d in range(1, limit + 1) if steps_per_epoch % d == 0)
+    if divisor < limit / 2:
+      logging.warning("An epoch of %d steps has no divisor between %d and %d, so each graph"
+                      " call runs %d steps, which is slower; a batch size that makes the"
+                      " epoch's steps a multiple of %d avoids it.", steps_per_epoch,
+                      (limit + 1) // 2, limit, divisor, limit)
+    return divisor
+
+  def training_stream(self, images, batch_size: int, seed: int, dynamic_binarization: bool,
+                      strategy: tf.distribute.Strategy, first_epoch: int = 0):
+    """tfvae.data.train_pipeline as this runtime feeds it, and the steps per graph call.
+
+    Returns:
+      (dataset, steps_per_call): pass steps_per_call to `attach` and the epoch's steps to fit.
+    """
+    steps_per_call = self.steps_per_call(steps_per_epoch(len(images), batch_size))
+    batches = train_pipeline(images, batch_size, seed, dynamic_binarization,
+                             first_epoch=first_epoch, parallel_calls=self.pipeline_threads)
+    return self.feed(batches, strategy), steps_per_call
+
+  def feed(self, dataset: tf.data.Dataset, strategy: tf.distribute.Strategy) -> tf.data.Dataset:
+    """dataset as the strategy takes it: float images where there are several replicas.
+
+    Keras's multi-worker input handling runs collectives, which take no uint8 tensors.
+    """
+    if strategy.num_replicas_in_sync > 1:
+      return dataset.map(_to_unit_float)
+    return dataset
+
+  @contextlib.contextmanager
+  def attach(self, vae: keras.Model, steps_per_call: int = 1):
+    """Trains and evaluates `vae` with this runtime's step functions while the context is open.
+
+    Runs steps_per_call optimizer steps per call into the graph: Keras's steps_per_execution,
+    set here rather than in compile so that a saved model does not carry it, and under
+    mirrored and multi_worker tfvae's own loop of steps (Keras's fails there). With
+    fused_adam, a keras.optimizers.Adam or AdamW updates each variable in one kernel. All of it
+    is undone on exit, so the model saves as the plain VAE it is.
+    """
+    strategy = vae.distribute_strategy
+    saved_steps = vae.steps_per_execution
+    adam = _plain_adam(vae.optimizer) if self.fused_adam else None
+    try:
+      vae.steps_per_execution = steps_per_call
+      if adam is not None:
+        adam.update_step = functools.partial(_fused_adam_update, adam)
+      vae.train_function = vae.test_function = None
+      if _loops_steps_under(strategy):
+        vae.train_function = _replicated_steps(vae, vae.train_step)
+        vae.test_function = _replicated_steps(vae, vae.test_step)
+      yield vae
+    finally:
+      if adam is not None:
+        del adam.update_step  # the class's own again
+      vae.steps_per_execution = saved_steps
+      vae.train_function = vae.test_function = None  # Keras builds its own when next needed
+
+
+def _loops_steps_under(strategy: tf.distribute.Strategy) -> bool:
+  """MirroredStrategy and MultiWorkerMirroredStrategy, the strategies tested with tfvae."""
+  return isinstance(strategy, (tf.distribute.MirroredStrategy,
+                               tf.distribute.MultiWorkerMirroredStrategy))
+
+
+_FUSED_DTYPES = (tf.float32, tf.float64)
+
+
+def _plain_adam(optimizer):
+  """The Adam or AdamW inside optimizer (a LossScaleOptimizer's too) that fuses, else None."""
+  optimizer = getattr(optimizer, "inner_optimizer", optimizer)
+  if type(optimizer) in (keras.optimizers.Adam, keras.optimizers.AdamW) and not optimizer.amsgrad:
+    return optimizer
+  return None
+
+
+def _fused_adam_update(optimizer, gradient, variable, learning_rate):
+  """Keras's Adam update_step in one ResourceApplyAdam kernel:
+
+    m <- m + (1 - beta_1) (g - m),  v <- v + (1 - beta_2) (g^2 - v)
+    var <- var - lr sqrt(1 - beta_2^t) / (1 - beta_1^t) m / (sqrt(v) + epsilon)
+
+  AdamW's decoupled decay is applied by Keras before it, as for Keras's own update. Sparse
+  gradients and dtypes the kernel does not take go to Keras's own update.
+  """
+  dtype = tf.as_dtype(variable.dtype)
+  if isinstance(gradient, tf.IndexedSlices) or dtype not in _FUSED_DTYPES:
+    return type(optimizer).update_step(optimizer, gradient, variable, learning_rate)
+  index = optimizer._get_variable_index(variable)
+  step = tf.cast(optimizer.iterations + 1, dtype)
+  beta_1, beta_2 = tf.cast(optimizer.beta_1, dtype), tf.cast(optimizer.beta_2, dtype)
+  # Under tf.distribute, variable is this device's copy, and so are the slots' handles.
+  tf.raw_ops.ResourceApplyAdam(
+      var=variable.handle, m=optimizer._momentums[index].value.handle,
+      v=optimizer._velocities[index].value.handle,
+      beta1_power=tf.pow(beta_1, step), beta2_power=tf.pow(beta_2, step),
+      lr=tf.cast(learning_rate, dtype), beta1=beta_1, beta2=beta_2,
+      epsilon=tf.cast(optimizer.epsilon, dtype), grad=tf.cast(gradient, dtype))
+  return None
+
+
+def _replicated_steps(vae: keras.Model, step_function):
+  """fit's or evaluate's function under a mirrored strategy: steps_per_execution steps a call.
+
+  Keras 3.15's multi-step function runs each step inside a tf.cond, where the optimizer's
+  cross-replica update fails under MirroredStrategy (keras-team/keras#19246). Here the steps
+  are a graph loop around strategy.run in the cross-replica context, with the tf.cond only
+  around fetching the next batch; the metrics are reduced once a call. Not XLA-compiled: a
+  replica's step compiled by XLA failed under both strategies (docs/BENCHMARKS.md).
+  """
+  strategy = vae.distribute_strategy
+  steps = vae.steps_per_execution
+  if vae.jit_compile is True:
+    logging.warning("compile(jit_compile=True) is ignored under %s: the steps run without"
+                    " XLA, which could not compile a replica's step across devices or CPU"
+                    " workers. Pass jit_compile=False (or leave the default) to silence this.",
+                    type(strategy).__name__)
+
+  @tf.function(reduce_retracing=True)
+  def multi_step(iterator):
+    def more(step, batch):
+      return tf.logical_and(step < steps, batch.has_value())
+
+    def body(step, batch):
+      strategy.run(step_function, args=(batch.get_value(),))
+      batch = tf.cond(step + 1 < steps, iterator.get_next_as_optional, lambda: batch)
+      return step + 1, batch
+
+    steps_run, _ = tf.while_loop(more, body, (tf.constant(0), iterator.get_next_as_optional()))
+    outputs = strategy.run(vae.get_metrics_result)
+    return steps_run, {name: strategy.reduce(tf.distribute.ReduceOp.MEAN, value, axis=None)
+                       for name, value in outputs.items()}
+
+  def function(iterator):
+    steps_run, outputs = multi_step(iterator)
+    if not steps_run:
+      raise StopIteration
+    return outputs
+
+  return function
+
+
+_TF_CONFIG_EXAMPLE = ('{"cluster": {"worker": ["host1:12345", "host2:12345"]},'
+                      ' "task": {"type": "worker", "index": 0}}')
+
+
+def make_strategy(name: str) -> tf.distribute.Strategy:
+  """default | mirrored (all local devices) | multi_worker (TF_CONFIG) | tpu.
+
+  Raises:
+    ConfigError: TF_CONFIG is not a valid cluster, or no TPU is found.
+  """
+  if name == "default":
+    return tf.distribute.get_strategy()
+  if name == "mirrored":
+    return tf.distribute.MirroredStrategy()
+  if name == "multi_worker":
+    try:
+      return tf.distribute.MultiWorkerMirroredStrategy()
+    except ValueError as e:  # TF_CONFIG that is not JSON, or names no valid task
+      raise ConfigError(
+          f"strategy=multi_worker cannot use TF_CONFIG={os.environ.get('TF_CONFIG')!r}:"
+          f" {str(e).rstrip('.')}."
+          f" Set TF_CONFIG on each machine to the cluster and that machine's task, e.g."
+          f" {_TF_CONFIG_EXAMPLE} (index 1 on the second), or unset it to train on this"
+          f" machine alone") from e
+  if name == "tpu":
+    try:
+      resolver = tf.distribute.cluster_resolver.TPUClusterResolver()
+      tf.config.experimental_connect_to_cluster(resolver)
+      tf.tpu.experimental.initialize_tpu_system(resolver)
+    except (ValueError, RuntimeError, tf.errors.OpError) as e:
+      raise ConfigError(f"strategy=tpu found no TPU ({e}): run on a Cloud TPU VM, or set"
+                        f" TPU_NAME to the TPU's name or grpc:// address; without a TPU, use"
+                        f" --strategy=default or mirrored") from e
+    return tf.distribute.TPUStrategy(resolver)
+  raise ConfigError(f"strategy={name!r} is not one of {', '.join(STRATEGIES)}")
+
+
+def is_chief(strategy: tf.distribute.Strategy) -> bool:
+  """Whether this process writes the run's outputs: always, except a non-chief worker."""
+  resolver = getattr(strategy, "cluster_resolver", None)
+  if resolver is None or not resolver.cluster_spec().as_dict():
+    return True
+  if resolver.task_type == "chief":
+    return True
+  has_chief = "chief" in resolver.cluster_spec().as_dict()
+  return resolver.task_type == "worker" and resolver.task_id == 0 and not has_chief
+
+
+_CPUINFO = pathlib.Path("/proc/cpuinfo")
+# CPU flags (x86 /proc/cpuinfo "flags", Arm "Features") of instructions that compute in bfloat16.
+_BFLOAT16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def cpu_lacks_bfloat16() -> bool:
+  """True where /proc/cpuinfo lists the CPU's flags and none is a bfloat16 instruction set.
+
+  Without them TensorFlow emulates bfloat16 arithmetic, slower than float32. False where
+  nothing is known (no /proc/cpuinfo, no flags line).
+  """
+  try:
+    text = _CPUINFO.read_text()
+  except OSError:
+    return False
+  cpu_flags = set()
+  for line in text.splitlines():
+    name, _, value = line.partition(":")
+    if name.strip() in ("flags", "Features"):
+      cpu_flags.update(value.split())
+  return bool(cpu_flags) and not cpu_flags & _BFLOAT16_CPU_FLAGS
+
+
+def mixed_precision_policy() -> str:
+  """mixed_float16 on a GPU (what it computes fastest; needs loss scaling), else mixed_bfloat16."""
+  return "mixed_float16" if tf.config.list_logical_devices("GPU") else "mixed_bfloat16"
+
+
+@contextlib.contextmanager
+def dtype_policy(mixed_precision: bool):
+  """Builds layers under mixed_precision_policy() when asked; restores the global policy after.
+
+  Encoder and Decoder cast network outputs to float32, so the objective stays float32; under
+  mixed_float16, Keras's compile wraps the optimizer in a LossScaleOptimizer.
+  """
+  previous = keras.mixed_precision.global_policy()
+  if mixed_precision:
+    policy = mixed_precision_policy()
+    keras.mixed_precision.set_global_policy(policy)
+    if (policy == "mixed_bfloat16" and not tf.config.list_logical_devices("TPU")
+        and cpu_lacks_bfloat16()):
+      logging.warning("mixed precision computes in bfloat16 on this CPU, which has no bfloat16"
+                      " instructions (%s in /proc/cpuinfo), so TensorFlow emulates them and"
+                      " training is slower than in float32 (docs/BENCHMARKS.md)."
+                      " Leave mixed precision (--mixed_precision) off on this machine.",
+                      " or ".join(sorted(_BFLOAT16_CPU_FLAGS)))
+  try:
+    yield
+  finally:
+    keras.mixed_precision.set_global_policy(previous)
