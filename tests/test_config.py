@@ -21,7 +21,7 @@ def test_dict_round_trip_is_equal():
     ({"likelihood": "poisson"}, "likelihood='poisson' is not one of"),
     ({"likelihood": "gaussian_fixed"}, "positive --observation_scale"),
     ({"likelihood": "gaussian_fixed", "observation_scale": -1.0}, "positive --observation_scale"),
-    ({"observation_scale": 0.1}, "only used by likelihood=gaussian_fixed"),
+    ({"observation_scale": 0.1}, "only used by a likelihood with a fixed scale"),
     ({"objective": "iwae", "num_samples": 1}, "num_samples=K with K >= 2"),
     ({"objective": "iwae", "num_samples": 5, "beta": 0.5}, "no KL weight"),
     ({"beta": -1.0}, "beta=-1.0"),
@@ -35,7 +35,7 @@ def test_impossible_model_configs_fail_with_one_line(kwargs, phrase):
 
 
 @pytest.mark.parametrize("kwargs, phrase", [
-    ({"dataset": "cifar"}, "dataset='cifar'"),
+    ({"dataset": "cifar"}, "unknown dataset 'cifar'"),
     ({"dataset": "npz:"}, "needs a PATH"),
     ({"batch_size": 0}, "batch_size=0"),
     ({"learning_rate": 0.0}, "learning_rate=0.0"),

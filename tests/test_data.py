@@ -156,7 +156,7 @@ def test_bad_npz_data_fails_with_the_file_and_the_fix(tmp_path, arrays, phrase):
 def test_not_an_npz_file(tmp_path):
   path = tmp_path / "bad.npz"
   path.write_bytes(b"not a zip")
-  with pytest.raises(DataError, match="not a readable .npz"):
+  with pytest.raises(DataError, match="not an .npz archive"):
     data.load(f"npz:{path}")
 
 
