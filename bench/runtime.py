@@ -3,8 +3,8 @@
   TFVAE_DATA_DIR=../shared/data python bench/runtime.py --rounds=6
 
 bin/train's default run (MNIST binarized afresh each epoch, 784-500-20 ReLU MLP, M = 100,
-Adam 1e-3) timed as bin/train trains it and with one piece changed at a time. Each round starts
-a fresh process per thread setting (threads per op are fixed for a process), one after the
+Adam 1e-3) timed as bin/train trains it and with one piece changed at a time. Threads per op
+are fixed for a process, so each round starts one process per thread setting, one after the
 other; inside a process each trainer first trains a warm-up epoch (tracing), then every trainer
 trains one timed epoch in turn. The table gives each trainer's median examples/s over the
 rounds and its ratio to the default. Results: docs/BENCHMARKS.md.
@@ -28,14 +28,18 @@ flags.DEFINE_integer("rounds", 6, "Timed rounds (each a fresh process per thread
 flags.DEFINE_string("worker", None, "Internal: run one round of this process's trainers.")
 FLAGS = flags.FLAGS
 
-DEFAULT = "bin/train's Runtime(): 100 steps per call, fused Adam"
-# process (threads per op) -> trainers: name -> (Runtime changes, or None for Runtime.plain(),
-# and other changes).
+DEFAULT = "bin/train's Runtime(): blocks of 100 steps, 2 shards, 1 thread per op, fused Adam"
+# process (threads per op) -> trainers: name -> (Runtime changes, other changes).
 PROCESSES = {
-    "TensorFlow's threads": {
+    "one thread per op": {
         DEFAULT: ({}, {}),
+        "steps per call as batches (Keras's multi-step function)": ({}, {"blocks": False}),
         "Keras's Adam update": ({"fused_adam": False}, {}),
+        "whole batches (1 shard), 1 thread per op": ({"step_shards": 1}, {}),
         "tfd.Bernoulli's log_prob": ({}, {"tfd_bernoulli": True}),
+    },
+    "TensorFlow's threads": {
+        "whole batches (1 shard), TensorFlow's threads per op": ({"step_shards": 1}, {}),
         "Runtime.plain(): Keras as it comes, 1 step per call": (None, {}),
     },
 }
@@ -67,7 +71,8 @@ def _worker(process: str) -> dict[str, float]:
 
   import tfvae
   from tfvae import data
-  base = tfvae.Runtime(intra_op_threads={"TensorFlow's threads": 0}[process])
+  threads = 1 if process == "one thread per op" else 0
+  base = tfvae.Runtime(step_shards=2 if threads else 1, intra_op_threads=threads)
   base.configure_threads()
   dataset = data.load("mnist")
   steps = data.steps_per_epoch(len(dataset.x_train), 100)
@@ -81,6 +86,10 @@ def _worker(process: str) -> dict[str, float]:
       vae = tfvae.VAE(tfvae.ModelConfig())
       vae.compile(optimizer=keras.optimizers.Adam(1e-3))
       stack.enter_context(runtime.attach(vae, steps_per_call))
+      if not other.get("blocks", True):  # Keras's own multi-step function, over batches
+        batches = data.train_pipeline(dataset.x_train, 100, seed=0, dynamic_binarization=True,
+                                      parallel_calls=runtime.pipeline_threads)
+        vae.train_function = None
 
       def epoch(vae=vae, batches=batches):
         start = time.perf_counter()

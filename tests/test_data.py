@@ -226,6 +226,18 @@ def test_pipelines_are_reproducible_and_resume_at_any_epoch(mnist_slice):
     np.testing.assert_array_equal(x, y)
 
 
+def test_an_epoch_transform_sees_each_epoch_alone(mnist_slice):
+  # tfvae.runtime groups an epoch's batches into blocks: 10 batches in blocks of 4, 4 and 2.
+  x_train, _ = mnist_slice  # 1000 images: 10 batches of 100 an epoch
+  batches = [b.numpy() for b in data.train_pipeline(x_train, 100, seed=2,
+                                                    dynamic_binarization=True, num_epochs=2)]
+  blocks = [b.numpy() for b in data.train_pipeline(
+      x_train, 100, seed=2, dynamic_binarization=True, num_epochs=2,
+      epoch_transform=lambda epoch: epoch.batch(4))]
+  assert [len(b) for b in blocks] == [4, 4, 2] * 2
+  np.testing.assert_array_equal(np.concatenate(blocks), np.stack(batches))
+
+
 def test_test_sets_are_binarized_once_with_a_fixed_seed(mnist_slice):
   _, x_test = mnist_slice
   first = data.eval_arrays(x_test, bernoulli=True, binary=False)

@@ -262,3 +262,30 @@ def test_train_in_python_refuses_another_configuration(tmp_path, toy_dataset):
   with pytest.raises(runs.WorkdirError, match="batch_size 100 -> 50"):
     training.train(config, tfvae.TrainConfig(epochs=1, batch_size=50), tmp_path,
                    dataset=dataset, verbose=0)
+
+
+def test_a_disk_that_fills_mid_run_stops_cleanly_and_resumes(tmp_path, toy_dataset, monkeypatch):
+  dataset = toy_dataset(0, 400, 40)
+  config = training.model_config_for(dataset, latent_size=2, hidden_sizes=(8,))
+  real = training.shutil.disk_usage
+  epochs_checked = []
+
+  def filling(path):  # room for epoch 1's checkpoints, none for epoch 2's
+    usage = real(path)
+    epochs_checked.append(path)
+    return usage._replace(free=usage.free if len(epochs_checked) == 1 else 4096)
+
+  monkeypatch.setattr(training.shutil, "disk_usage", filling)
+  with pytest.raises(training.DiskFullError, match=r"0\.0 MiB free, and epoch 2's checkpoints"
+                                                   r" need about .* keeping the checkpoints of"
+                                                   r" epoch 1\. Free some space"):
+    training.train(config, tfvae.TrainConfig(epochs=3), tmp_path, dataset=dataset, verbose=0)
+  rows = (tmp_path / "metrics.csv").read_text().splitlines()
+  assert [row.split(",")[0] for row in rows[1:]] == ["0"]  # metrics.csv agrees with the backup
+  assert json.loads((tmp_path / "backup" / "training_metadata.json").read_text())["epoch"] == 1
+  assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporaries left
+  monkeypatch.setattr(training.shutil, "disk_usage", real)
+  resumed = training.train(config, tfvae.TrainConfig(epochs=3), tmp_path, dataset=dataset,
+                           verbose=0)
+  assert int(resumed.vae.optimizer.iterations) == 3 * 10
+  assert len((tmp_path / "metrics.csv").read_text().splitlines()) == 1 + 3

@@ -11,12 +11,15 @@ from tfvae.model import METRIC_NAMES
 
 
 def _fit(x, config, rt, epochs=2, batch_size=50, decoder_network=None, validation=None):
-  """Trains a fresh VAE (seed 0) on x under rt as train() does; returns (vae, history)."""
+  """Trains a fresh VAE (seed 0) on x under rt as train() does; returns (vae, history).
+
+  decoder_network, if given, makes the user's decoder network (after the seed is set).
+  """
   keras.utils.set_random_seed(0)
   steps = data.steps_per_epoch(len(x), batch_size)
-  steps_per_call = rt.steps_per_call(steps)
-  batches = data.train_pipeline(x, batch_size, seed=1, dynamic_binarization=True)
-  vae = tfvae.VAE(config, decoder_network=decoder_network)
+  batches, steps_per_call = rt.training_stream(x, batch_size, seed=1, dynamic_binarization=True,
+                                               strategy=tf.distribute.get_strategy())
+  vae = tfvae.VAE(config, decoder_network=decoder_network and decoder_network())
   vae.compile(optimizer=keras.optimizers.Adam(2e-3))
   with rt.attach(vae, steps_per_call):
     history = vae.fit(batches, epochs=epochs, steps_per_epoch=steps, shuffle=False, verbose=0,
@@ -33,51 +36,93 @@ def _assert_same_training(a, b, history_a, history_b, rtol=1e-6, atol=1e-7):
 
 
 @pytest.mark.parametrize("steps_per_execution", [4, 5])
-def test_steps_per_call_train_exactly_like_one_step_per_call(mnist_slice, steps_per_execution):
-  # 12 steps an epoch: calls of 4 steps (5 is cut to 4, a divisor, so no call spans epochs).
+def test_blocks_of_steps_train_exactly_like_one_step_per_call(mnist_slice, steps_per_execution):
+  # 12 steps an epoch: blocks of 4, 4, 4, or of 5, 5 and a last block of 2 (no divisor needed).
   x_train, x_test = mnist_slice
   config = tfvae.ModelConfig(latent_size=4, hidden_sizes=(32,))
   test = data.eval_pipeline(data.eval_arrays(x_test, bernoulli=True, binary=False), 30)
   plain, plain_history = _fit(x_train[:600], config, tfvae.Runtime.plain(), validation=test)
   fast, fast_history = _fit(x_train[:600], config, tfvae.Runtime(
-      steps_per_execution=steps_per_execution, fused_adam=False), validation=test)
+      step_shards=1, steps_per_execution=steps_per_execution, fused_adam=False),
+      validation=test)
   assert int(fast.optimizer.iterations) == 2 * 12
   _assert_same_training(plain, fast, plain_history, fast_history)
   assert plain_history["loss"][1] < plain_history["loss"][0]  # it did train
 
 
+def test_batch_shards_give_the_whole_batch_gradient(mnist_slice):
+  # A decoder that ignores z (its input scaled by 0) makes the loss free of noise, so the
+  # shards, which draw their own noise, must train as whole batches (to summation order).
+  config = tfvae.ModelConfig(latent_size=3, hidden_sizes=(16,))
+
+  def decoder():
+    return keras.Sequential([keras.Input((3,)), keras.layers.Rescaling(0.0),
+                             keras.layers.Dense(784), keras.layers.Reshape((28, 28, 1))])
+
+  x = mnist_slice[0][:300]
+  plain, plain_history = _fit(x, config, tfvae.Runtime.plain(), decoder_network=decoder)
+  for shards in (2, 3):
+    sharded, sharded_history = _fit(x, config, tfvae.Runtime(
+        step_shards=shards, steps_per_execution=3, fused_adam=False), decoder_network=decoder)
+    _assert_same_training(plain, sharded, plain_history, sharded_history, rtol=1e-4,
+                          atol=1e-6)
+
+
+def test_sharded_evaluation_keeps_each_example_in_its_place(binary_batch, small_config):
+  # All weight on one example: the weighted KL (free of noise) is that example's only if the
+  # shards' terms come back in the batch's order.
+  vae = tfvae.VAE(small_config)
+  vae.compile(optimizer="adam")
+  weights = np.zeros(8, np.float32)
+  weights[5] = 1.0
+  weighted = tf.data.Dataset.from_tensor_slices(
+      (binary_batch, np.zeros(8, np.float32), weights)).batch(8)
+  alone = vae.evaluate(binary_batch[5:6], verbose=0, return_dict=True)["kl"]
+  with tfvae.Runtime(step_shards=3).attach(vae):
+    sharded = vae.evaluate(weighted, verbose=0, return_dict=True)["kl"]
+  np.testing.assert_allclose(sharded, alone, rtol=1e-5)
+
+
 def test_attach_leaves_a_plain_model(mnist_slice, tmp_path):
   config = tfvae.ModelConfig(latent_size=4, hidden_sizes=(32,))
-  vae, _ = _fit(mnist_slice[0][:200], config, tfvae.Runtime(steps_per_execution=2))
+  vae, _ = _fit(mnist_slice[0][:200], config, tfvae.Runtime(step_shards=2, steps_per_execution=2))
   assert "update_step" not in vae.optimizer.__dict__ and vae.steps_per_execution == 1
+  assert "per_example_terms" not in vae.__dict__
   vae.save(tmp_path / "vae.keras")
   saved = (tmp_path / "vae.keras").read_bytes()
-  for knob in (b"steps_per_execution\": 2", b"intra_op", b"fused"):
+  for knob in (b"shard", b"steps_per_execution\": 2", b"intra_op", b"block", b"fused"):
     assert knob not in saved
 
 
-def test_steps_per_call_divide_the_epoch_and_say_when_few(caplog):
-  # A call must end with the epoch: the largest divisor up to the limit, 469 = 7 x 67.
-  assert tfvae.Runtime().steps_per_call(469) == 67
+def test_steps_per_call(caplog):
+  assert tfvae.Runtime().steps_per_call(469) == 100  # the epoch's last block holds 69
   assert tfvae.Runtime().steps_per_call(17) == 17
-  assert tfvae.Runtime(strategy="mirrored").steps_per_call(600) == 100
+  # Under mirrored and multi_worker a call must end with the epoch: a divisor, 469 = 7 x 67.
+  assert tfvae.Runtime(strategy="mirrored").steps_per_call(469) == 67
+  assert tfvae.Runtime(strategy="multi_worker").steps_per_call(600) == 100
   assert "no divisor" not in caplog.text
-  assert tfvae.Runtime().steps_per_call(8571) == 3  # 3 x 2857, a prime
-  assert ("An epoch of 8571 steps has no divisor between 50 and 100, so each graph call runs 3"
-          " steps") in caplog.text
+  assert tfvae.Runtime(strategy="mirrored").steps_per_call(8571) == 3  # 3 x 2857, a prime
+  assert ("Under strategy=mirrored an epoch of 8571 steps has no divisor between 50 and 100, so"
+          " each graph call runs 3 steps") in caplog.text
   assert tfvae.Runtime(strategy="tpu").steps_per_call(600) == 1  # Keras's own, one a call
 
 
-def test_threads_are_set_only_when_asked():
-  # TensorFlow already runs in this process: an explicit setting fails with the fix; the
-  # default (0) leaves TensorFlow's threads alone.
+def test_threads_and_shards_defaults_for_this_machine(monkeypatch):
+  no_accelerator = not tf.config.list_physical_devices("GPU")
+  monkeypatch.setattr(runtime, "available_cores", lambda: 1)
+  assert tfvae.Runtime().shards == 1  # one core: nothing to run concurrently
+  monkeypatch.setattr(runtime, "available_cores", lambda: 8)
+  assert tfvae.Runtime().shards == (2 if no_accelerator else 1)
+  assert tfvae.Runtime(step_shards=3).shards == 3 and tfvae.Runtime.plain().shards == 1
+  # TensorFlow already runs in this process: an explicit setting fails with the fix, the
+  # automatic one is skipped.
   with pytest.raises(tfvae.ConfigError, match="intra_op_threads=3 cannot be applied"):
     tfvae.Runtime(intra_op_threads=3).configure_threads()
   tfvae.Runtime().configure_threads()
 
 
-@pytest.mark.parametrize("field, value", [("strategy", "horovod"), ("intra_op_threads", -2),
-                                          ("steps_per_execution", 0)])
+@pytest.mark.parametrize("field, value", [("strategy", "horovod"), ("step_shards", -1),
+                                          ("intra_op_threads", -2), ("steps_per_execution", 0)])
 def test_bad_runtime_values_fail_with_one_line(field, value):
   with pytest.raises(tfvae.ConfigError, match=f"{field}={value!r}"):
     tfvae.Runtime(**{field: value})
@@ -96,7 +141,7 @@ def test_the_fused_adam_update_is_keras_adam(mnist_slice, make):
     keras.utils.set_random_seed(0)
     vae = tfvae.VAE(config)
     vae.compile(optimizer=make())
-    with tfvae.Runtime(steps_per_execution=1, fused_adam=fused).attach(vae):
+    with tfvae.Runtime(step_shards=1, steps_per_execution=1, fused_adam=fused).attach(vae):
       history = vae.fit(x, batch_size=50, epochs=2, verbose=0, shuffle=False).history
     assert "update_step" not in vae.optimizer.__dict__  # Keras's own again
     runs.append((vae, history))
@@ -148,7 +193,8 @@ def test_mixed_float16_as_on_a_gpu_scales_the_loss_through_the_optimizer(tmp_pat
   train_config = tfvae.TrainConfig(epochs=3, batch_size=32, eval_num_samples=0)
   half = training.train(config, train_config, tmp_path / "half", dataset=dataset, verbose=0,
                         runtime=tfvae.Runtime(mixed_precision=True))
-  full = training.train(config, train_config, tmp_path / "full", dataset=dataset, verbose=0)
+  full = training.train(config, train_config, tmp_path / "full", dataset=dataset, verbose=0,
+                        runtime=tfvae.Runtime())
 
   vae = half.vae
   assert vae.encoder.network.layers[1].compute_dtype == "float16"

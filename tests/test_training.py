@@ -11,7 +11,7 @@ from tfvae import data, training
 def test_every_epoch_is_exactly_one_pass_whatever_steps_per_execution(tmp_path, toy_dataset):
   dataset = toy_dataset(0, 1800, 50)
   config = training.model_config_for(dataset, latent_size=2, hidden_sizes=(8,))
-  # 18 steps per epoch: 20 is cut to 18, 5 to 3 (a divisor, so no call runs past an epoch).
+  # 18 steps per epoch: 20 is cut to 18; calls of 5 leave a last block of 3 in each epoch.
   histories = []
   for requested in (1, 20, 5):
     result = training.train(config, tfvae.TrainConfig(epochs=3), tmp_path / str(requested),

@@ -29,7 +29,8 @@ HELP_GROUPS = {
     "training": ["epochs", "batch_size", "optimizer", "learning_rate", "weight_decay", "seed",
                  "eval_num_samples"],
     "this machine (tfvae.runtime; never saved with the model)": [
-        "strategy", "mixed_precision", "steps_per_execution", "intra_op_threads"],
+        "strategy", "mixed_precision", "steps_per_execution", "step_shards",
+        "intra_op_threads"],
     "output": ["workdir", "restart", "export_dir", "model_name"],
 }
 
@@ -82,8 +83,11 @@ def define_runtime_flags() -> None:
                     "Compute in 16-bit floats; the objective stays float32.")
   flags.DEFINE_integer("steps_per_execution", defaults.steps_per_execution,
                        "At most this many optimizer steps per call into the compiled graph.")
+  flags.DEFINE_integer("step_shards", defaults.step_shards,
+                       "Split each batch into this many concurrent branches; 0: 2 on a"
+                       " multi-core CPU, else 1.")
   flags.DEFINE_integer("intra_op_threads", defaults.intra_op_threads,
-                       "Threads per TensorFlow op; 0 keeps TensorFlow's default.")
+                       "Threads per TensorFlow op; 0: cores / step_shards when split.")
 
 
 def define_output_flags() -> None:
@@ -140,7 +144,8 @@ def runtime_from_flags() -> runtime.Runtime:
   """Runtime from the machine flags; raises ConfigError."""
   return runtime.Runtime(
       strategy=FLAGS.strategy, mixed_precision=FLAGS.mixed_precision,
-      steps_per_execution=FLAGS.steps_per_execution, intra_op_threads=FLAGS.intra_op_threads)
+      steps_per_execution=FLAGS.steps_per_execution, step_shards=FLAGS.step_shards,
+      intra_op_threads=FLAGS.intra_op_threads)
 
 
 def load_vae(path: str | pathlib.Path, flag: str):

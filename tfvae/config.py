@@ -125,8 +125,10 @@ class ModelConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-  """How to train: data, optimization, randomness. How this machine runs it is a
-  tfvae.runtime.Runtime, never part of the run's configuration.
+  """How to train: data, optimization, randomness.
+
+  How this machine runs it (threads, strategy, steps per call) is a tfvae.runtime.Runtime,
+  never part of the run's configuration.
 
   Attributes:
     dataset: a source of tfvae.data.sources: "mnist", "binarized_mnist", "frey_face" or

@@ -4,10 +4,13 @@ A tfvae.VAE trains one batch per `train_step` wherever it runs. A `Runtime` make
 a given machine from outside the model, the way an experiment wraps an untouched step function
 in a scan and a pmap:
 
-  steps per call   K training steps in one call into the compiled graph: Keras's own
-                   steps_per_execution; under mirrored and multi_worker, where Keras's fails, a
-                   graph loop of tfvae's.
-  threads          TensorFlow's threads per op, if set.
+  steps per call   K training steps in one call into the compiled graph, fed as one block
+                   [K, M, H, W, C] of K batches, since a tf.data element per step costs about
+                   as much as the step on a small CPU; under mirrored and multi_worker, where
+                   Keras's multi-step function fails, a graph loop over batches.
+  batch shards     each batch split into concurrent branches of one step, so two CPU cores work
+                   on one small batch without handing each op between threads.
+  threads          TensorFlow's threads per op, matched to the shards.
   fused Adam       Keras's Adam update in one kernel per variable.
   strategy         a tf.distribute strategy: mirrored, multi_worker or tpu.
   mixed precision  16-bit compute, float32 objective.
@@ -42,6 +45,7 @@ import keras
 import tensorflow as tf
 from absl import logging
 
+from tfvae import objectives
 from tfvae.config import ConfigError, require
 from tfvae.data import steps_per_epoch, train_pipeline
 from tfvae.data import to_unit_float as _to_unit_float
@@ -57,6 +61,10 @@ def available_cores() -> int:
     return os.cpu_count() or 1
 
 
+def _has_accelerator() -> bool:
+  return bool(tf.config.list_physical_devices("GPU") + tf.config.list_physical_devices("TPU"))
+
+
 @dataclasses.dataclass(frozen=True)
 class Runtime:
   """How to run training on this machine; see the module docstring.
@@ -66,8 +74,10 @@ class Runtime:
     mixed_precision: compute in mixed_float16 on a GPU, mixed_bfloat16 elsewhere; the
       objective stays float32.
     steps_per_execution: at most this many training steps per call into the compiled graph.
-    intra_op_threads: TensorFlow's threads per op; 0 keeps TensorFlow's default. Takes effect
-      only before TensorFlow's first op.
+    step_shards: concurrent branches each batch is split into; 0 picks 2 on a multi-core CPU
+      without an accelerator, else 1.
+    intra_op_threads: TensorFlow's threads per op; 0 picks cores / shards when the batch is
+      split, else TensorFlow's default. Takes effect only before TensorFlow's first op.
     fused_adam: update keras.optimizers.Adam and AdamW with one ResourceApplyAdam kernel per
       variable (the same update, in one pass over its memory instead of a dozen).
   """
@@ -75,6 +85,7 @@ class Runtime:
   strategy: str = "default"
   mixed_precision: bool = False
   steps_per_execution: int = 100
+  step_shards: int = 0
   intra_op_threads: int = 0
   fused_adam: bool = True
 
@@ -83,13 +94,22 @@ class Runtime:
             f"strategy={self.strategy!r} is not one of {', '.join(STRATEGIES)}")
     require(self.steps_per_execution >= 1,
             f"steps_per_execution={self.steps_per_execution} must be at least 1")
+    require(self.step_shards >= 0,
+            f"step_shards={self.step_shards} must be >= 0 (0 picks one for the machine)")
     require(self.intra_op_threads >= 0,
-            f"intra_op_threads={self.intra_op_threads} must be >= 0 (0 keeps TensorFlow's)")
+            f"intra_op_threads={self.intra_op_threads} must be >= 0 (0 picks a default)")
 
   @classmethod
   def plain(cls) -> Runtime:
-    """Keras as it comes: one step per call, Keras's Adam update."""
-    return cls(steps_per_execution=1, fused_adam=False)
+    """Keras as it comes: one step per call, whole batches, TensorFlow's threads and Adam."""
+    return cls(steps_per_execution=1, step_shards=1, fused_adam=False)
+
+  @property
+  def shards(self) -> int:
+    """step_shards, with 0 resolved for this machine."""
+    if self.step_shards:
+      return self.step_shards
+    return 2 if not _has_accelerator() and available_cores() >= 2 else 1
 
   @property
   def pipeline_threads(self) -> int:
@@ -97,19 +117,25 @@ class Runtime:
     return min(8, available_cores())
 
   def configure_threads(self) -> None:
-    """Sets TensorFlow's threads per op, if intra_op_threads asks for a number.
+    """Sets TensorFlow's threads per op (see intra_op_threads).
 
-    Raises:
-      ConfigError: TensorFlow has run an op already, which fixes its thread pools.
+    TensorFlow fixes its thread pools when it runs its first op. An explicit setting that comes
+    too late raises ConfigError; the automatic one is then skipped with a log line.
     """
-    if not self.intra_op_threads:
+    threads = self.intra_op_threads
+    explicit = threads > 0
+    if not explicit and self.shards > 1:
+      threads = max(1, available_cores() // self.shards)
+    if not threads:
       return
     try:
-      tf.config.threading.set_intra_op_parallelism_threads(self.intra_op_threads)
+      tf.config.threading.set_intra_op_parallelism_threads(threads)
     except RuntimeError as e:
-      raise ConfigError(f"intra_op_threads={self.intra_op_threads} cannot be applied:"
-                        f" TensorFlow already ran an op in this process ({e}); set it before"
-                        f" any TensorFlow work, or leave it at 0") from e
+      if explicit:
+        raise ConfigError(f"intra_op_threads={threads} cannot be applied: TensorFlow already"
+                          f" ran an op in this process ({e}); set it before any TensorFlow"
+                          f" work, or leave it at 0") from e
+      logging.info("Keeping TensorFlow's threads per op (%s); it was initialized already.", e)
 
   def make_strategy(self) -> tf.distribute.Strategy:
     return make_strategy(self.strategy)
@@ -124,12 +150,15 @@ class Runtime:
   def steps_per_call(self, steps_per_epoch: int) -> int:
     """Training steps per graph call for epochs of steps_per_epoch steps.
 
-    The largest divisor of the epoch's steps up to steps_per_execution, so that no call runs
-    past an epoch of the endless training stream (that would shift every later epoch's data);
-    a warning says so when that divisor is under half the limit. Under tpu, 1 (Keras's
-    multi-step function there is untested with tfvae).
+    Without a strategy: up to steps_per_execution, the epoch's last call taking what is left.
+    Under mirrored and multi_worker, the batches come from one endless stream, so a call must
+    not run past the epoch: the largest divisor of the epoch's steps up to the limit, with a
+    warning when that is under half of it. Under tpu, 1 (Keras's multi-step function there is
+    untested with tfvae).
     """
     limit = min(self.steps_per_execution, steps_per_epoch)
+    if self.strategy == "default":
+      return limit
     if self.strategy == "tpu":
       if limit > 1:
         logging.warning("steps_per_execution=%d is not supported under strategy=tpu; using 1.",
@@ -137,10 +166,10 @@ class Runtime:
       return 1
     divisor = max(d for d in range(1, limit + 1) if steps_per_epoch % d == 0)
     if divisor < limit / 2:
-      logging.warning("An epoch of %d steps has no divisor between %d and %d, so each graph"
-                      " call runs %d steps, which is slower; a batch size that makes the"
-                      " epoch's steps a multiple of %d avoids it.", steps_per_epoch,
-                      (limit + 1) // 2, limit, divisor, limit)
+      logging.warning("Under strategy=%s an epoch of %d steps has no divisor between %d and %d,"
+                      " so each graph call runs %d steps, which is slower; a batch size that"
+                      " makes the epoch's steps a multiple of %d avoids it.", self.strategy,
+                      steps_per_epoch, (limit + 1) // 2, limit, divisor, limit)
     return divisor
 
   def training_stream(self, images, batch_size: int, seed: int, dynamic_binarization: bool,
@@ -148,11 +177,17 @@ class Runtime:
     """tfvae.data.train_pipeline as this runtime feeds it, and the steps per graph call.
 
     Returns:
-      (dataset, steps_per_call): pass steps_per_call to `attach` and the epoch's steps to fit.
+      (dataset, steps_per_call): without a strategy, blocks [K, M, H, W, C] of K =
+      steps_per_call consecutive batches, each epoch's last block holding what is left, so no
+      block spans two epochs; under a strategy, which splits each element's first axis across
+      replicas, batches. Pass steps_per_call to `attach` and the epoch's steps to fit.
     """
     steps_per_call = self.steps_per_call(steps_per_epoch(len(images), batch_size))
-    batches = train_pipeline(images, batch_size, seed, dynamic_binarization,
-                             first_epoch=first_epoch, parallel_calls=self.pipeline_threads)
+    blocks = self.strategy == "default" and steps_per_call > 1
+    batches = train_pipeline(
+        images, batch_size, seed, dynamic_binarization, first_epoch=first_epoch,
+        epoch_transform=(lambda epoch: epoch.batch(steps_per_call)) if blocks else None,
+        parallel_calls=self.pipeline_threads)
     return self.feed(batches, strategy), steps_per_call
 
   def feed(self, dataset: tf.data.Dataset, strategy: tf.distribute.Strategy) -> tf.data.Dataset:
@@ -168,11 +203,13 @@ class Runtime:
   def attach(self, vae: keras.Model, steps_per_call: int = 1):
     """Trains and evaluates `vae` with this runtime's step functions while the context is open.
 
-    Runs steps_per_call optimizer steps per call into the graph: Keras's steps_per_execution,
-    set here rather than in compile so that a saved model does not carry it, and under
-    mirrored and multi_worker tfvae's own loop of steps (Keras's fails there). With
-    fused_adam, a keras.optimizers.Adam or AdamW updates each variable in one kernel. All of it
-    is undone on exit, so the model saves as the plain VAE it is.
+    Runs steps_per_call optimizer steps per call into the graph (Keras's steps_per_execution,
+    set here rather than in compile so that a saved model does not carry it): one block of
+    batches from `training_stream` per call without a strategy; under mirrored and
+    multi_worker, a graph loop over batches; under tpu, Keras's own functions. With
+    step_shards > 1, each batch's per-example terms are computed in that many independent
+    branches; with fused_adam, a keras.optimizers.Adam or AdamW updates each variable in one
+    kernel. All of it is undone on exit, so the model saves as the plain VAE it is.
     """
     strategy = vae.distribute_strategy
     saved_steps = vae.steps_per_execution
@@ -181,14 +218,19 @@ class Runtime:
       vae.steps_per_execution = steps_per_call
       if adam is not None:
         adam.update_step = functools.partial(_fused_adam_update, adam)
+      if self.shards > 1:
+        vae.per_example_terms = _sharded(vae.per_example_terms, self.shards)
       vae.train_function = vae.test_function = None
-      if _loops_steps_under(strategy):
+      if self.strategy == "default" and steps_per_call > 1:
+        vae.train_function = _block_steps(vae)
+      elif _loops_steps_under(strategy):
         vae.train_function = _replicated_steps(vae, vae.train_step)
         vae.test_function = _replicated_steps(vae, vae.test_step)
       yield vae
     finally:
       if adam is not None:
         del adam.update_step  # the class's own again
+      vae.__dict__.pop("per_example_terms", None)
       vae.steps_per_execution = saved_steps
       vae.train_function = vae.test_function = None  # Keras builds its own when next needed
 
@@ -233,6 +275,56 @@ def _fused_adam_update(optimizer, gradient, variable, learning_rate):
       lr=tf.cast(learning_rate, dtype), beta1=beta_1, beta2=beta_2,
       epsilon=tf.cast(optimizer.epsilon, dtype), grad=tf.cast(gradient, dtype))
   return None
+
+
+def _sharded(per_example_terms, shards: int):
+  """per_example_terms of x [B, ...] computed on `shards` slices of x as independent branches.
+
+  Each shard draws its own noise (the seed folded with the shard's index); the [B] terms come
+  back in the batch's order, so the batch mean, the gradient and the metrics are those of
+  the whole batch.
+  """
+
+  def sharded(x, seed, training=False, num_samples=None):
+    size = tf.shape(x)[0]
+    bounds = [size * i // shards for i in range(shards + 1)]
+    parts = [per_example_terms(x[start:stop], objectives.fold_in(seed, i), training=training,
+                               num_samples=num_samples)
+             for i, (start, stop) in enumerate(zip(bounds[:-1], bounds[1:], strict=True))]
+    return {name: tf.concat([part[name] for part in parts], axis=0) for name in parts[0]}
+
+  return sharded
+
+
+def _block_steps(vae: keras.Model):
+  """A train function taking one block [K, M, ...] per call: K train_steps in a graph loop.
+
+  The same updates, noise and metrics as K calls of one batch each. Keras counts each call as
+  steps_per_execution steps; the epoch's last block may hold fewer.
+  """
+
+  @tf.function(reduce_retracing=True, jit_compile=vae.jit_compile is True)
+  def run_block(block):
+    x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(block)
+
+    def body(k):
+      if y is None and sample_weight is None:
+        vae.train_step(x[k])
+      else:
+        vae.train_step(tuple(None if part is None else part[k]
+                             for part in (x, y, sample_weight)))
+      return (k + 1,)
+
+    tf.while_loop(lambda k: k < tf.shape(x)[0], body, (tf.constant(0),))
+    return vae.get_metrics_result()
+
+  def function(iterator):
+    block = iterator.get_next_as_optional()
+    if not block.has_value():
+      raise StopIteration
+    return run_block(block.get_value())
+
+  return function
 
 
 def _replicated_steps(vae: keras.Model, step_function):

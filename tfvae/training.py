@@ -12,14 +12,17 @@ What a run leaves in `workdir`:
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import math
 import os
 import pathlib
+import shutil
 from typing import Any
 
 import keras
 import numpy as np
+import tensorflow as tf
 from absl import logging
 
 from tfvae import data as data_lib
@@ -33,6 +36,10 @@ from tfvae.runtime import Runtime, is_chief
 
 class NonFiniteLossError(FloatingPointError):
   """Training produced NaN or Inf; the message names the metric and what to try."""
+
+
+class DiskFullError(OSError):
+  """Too little space left for an epoch's checkpoints; the message says what was kept."""
 
 
 @dataclasses.dataclass
@@ -115,6 +122,37 @@ class StopOnNonFinite(keras.callbacks.Callback):
 
   def on_epoch_end(self, epoch, logs=None):
     self._check(logs, f"in epoch {epoch + 1}")
+
+
+class DiskSpaceCheck(keras.callbacks.Callback):
+  """Stops before an epoch's checkpoints are written where the disk has no room for them.
+
+  A checkpoint written to a full disk can crash inside HDF5 and leave a truncated backup, so
+  the room for all of the epoch's files is checked first: backup/, last.keras and best.keras,
+  each beside its previous copy until renamed, at the size of the model and optimizer state.
+  """
+
+  def __init__(self, workdir: pathlib.Path):
+    super().__init__()
+    self.workdir = workdir
+    self._epochs_done = 0
+
+  def on_epoch_begin(self, epoch, logs=None):
+    self._epochs_done = epoch
+
+  def on_epoch_end(self, epoch, logs=None):
+    variables = [*self.model.variables, *self.model.optimizer.variables]
+    state = sum(math.prod(v.shape) * np.dtype(v.dtype).itemsize for v in variables)
+    needed = 3 * 2 * state + 2**20  # three files, each beside its previous copy; 1 MiB slack
+    free = shutil.disk_usage(self.workdir).free
+    if free < needed:
+      kept = (f"the checkpoints of epoch {self._epochs_done}" if self._epochs_done
+              else "nothing yet (no epoch had finished)")
+      raise DiskFullError(errno.ENOSPC,
+                          f"{self.workdir}: {free / 2**20:.1f} MiB free, and epoch {epoch + 1}'s"
+                          f" checkpoints need about {needed / 2**20:.1f} MiB; stopped before"
+                          f" writing them, keeping {kept}. Free some space and run the same"
+                          f" command to resume")
 
 
 class LowerBoundCurve(keras.callbacks.Callback):
@@ -234,27 +272,43 @@ def train(model_config: ModelConfig, train_config: TrainConfig, workdir: str | o
       return TrainResult(vae=keras.saving.load_model(workdir / "last.keras"), history={},
                          test_metrics=results["test"], workdir=workdir, is_chief=chief,
                          already_done=True)
-    result = _train(model_config, train_config, workdir, dataset, runtime, strategy, verbose,
-                    callbacks, standing)
+    first_epoch = _resume_or_start(workdir, standing)
+    feeds = _Feeds.of(dataset, model_config, train_config, runtime, strategy, first_epoch)
+    del dataset  # the training pipeline holds its own copy of the images
+    result = _fit_and_report(model_config, train_config, workdir, runtime, strategy, feeds,
+                             first_epoch, verbose, callbacks)
     runs.record_epochs(workdir, train_config.epochs)
   return dataclasses.replace(result, is_chief=chief)
 
 
-def _train(model_config, train_config, workdir, dataset, runtime, strategy, verbose, callbacks,
-           standing) -> TrainResult:
-  keras.utils.set_random_seed(train_config.seed)
-  first_epoch = _resume_or_start(workdir, standing)
-  steps = data_lib.steps_per_epoch(len(dataset.x_train), train_config.batch_size)
-  binary_likelihood = LIKELIHOODS[model_config.likelihood].data == "binary"
-  train_data, steps_per_call = runtime.training_stream(
-      dataset.x_train, train_config.batch_size, train_config.seed,
-      dynamic_binarization=binary_likelihood and not dataset.binary, strategy=strategy,
-      first_epoch=first_epoch)
-  x_test = data_lib.eval_arrays(dataset.x_test, binary_likelihood, dataset.binary)
-  dataset_name, num_train = dataset.name, len(dataset.x_train)
-  del dataset  # the pipeline holds its own copy of the training images
-  test_data = runtime.feed(data_lib.eval_pipeline(x_test, train_config.batch_size), strategy)
+@dataclasses.dataclass(frozen=True)
+class _Feeds:
+  """What fit and the report read of the data."""
 
+  train: tf.data.Dataset  # endless training batches, as the runtime feeds them
+  steps: int  # optimizer steps an epoch
+  steps_per_call: int
+  test: tf.data.Dataset  # the test batches, once
+  x_test: np.ndarray  # the fixed test images, for the report and pictures
+  name: str
+  num_train: int
+
+  @classmethod
+  def of(cls, dataset, model_config, train_config, runtime, strategy, first_epoch) -> _Feeds:
+    binary_likelihood = LIKELIHOODS[model_config.likelihood].data == "binary"
+    train, steps_per_call = runtime.training_stream(
+        dataset.x_train, train_config.batch_size, train_config.seed,
+        dynamic_binarization=binary_likelihood and not dataset.binary, strategy=strategy,
+        first_epoch=first_epoch)
+    x_test = data_lib.eval_arrays(dataset.x_test, binary_likelihood, dataset.binary)
+    test = runtime.feed(data_lib.eval_pipeline(x_test, train_config.batch_size), strategy)
+    return cls(train, data_lib.steps_per_epoch(len(dataset.x_train), train_config.batch_size),
+               steps_per_call, test, x_test, dataset.name, len(dataset.x_train))
+
+
+def _fit_and_report(model_config, train_config, workdir, runtime, strategy, feeds: _Feeds,
+                    first_epoch, verbose, callbacks) -> TrainResult:
+  keras.utils.set_random_seed(train_config.seed)
   with runtime.scope(strategy):
     if first_epoch and not (workdir / "backup").is_dir():  # a finished run, continued
       vae = keras.saving.load_model(workdir / "last.keras")
@@ -262,14 +316,13 @@ def _train(model_config, train_config, workdir, dataset, runtime, strategy, verb
       vae = VAE(model_config, seed=train_config.seed)
       vae.compile(optimizer=make_optimizer(train_config))
   logging.info("Training on %d %s images %s for %d epochs of %d optimizer steps, %d steps per"
-               " graph call.", num_train, dataset_name, model_config.image_shape,
-               train_config.epochs, steps, steps_per_call)
-  with runtime.attach(vae, steps_per_call):
-    history = vae.fit(train_data, validation_data=test_data, epochs=train_config.epochs,
-                      initial_epoch=first_epoch, steps_per_epoch=steps, shuffle=False,
+               " graph call.", feeds.num_train, feeds.name, model_config.image_shape,
+               train_config.epochs, feeds.steps, feeds.steps_per_call)
+  with runtime.attach(vae, feeds.steps_per_call):
+    history = vae.fit(feeds.train, validation_data=feeds.test, epochs=train_config.epochs,
+                      initial_epoch=first_epoch, steps_per_epoch=feeds.steps, shuffle=False,
                       verbose=verbose, callbacks=_callbacks(workdir, callbacks))
-
-  test_metrics = _report(vae, x_test, dataset_name, model_config, train_config, workdir)
+  test_metrics = _report(vae, feeds.x_test, feeds.name, model_config, train_config, workdir)
   return TrainResult(vae=vae, history=history.history, test_metrics=test_metrics,
                      workdir=workdir)
 
@@ -307,6 +360,7 @@ def _resume_or_start(workdir: pathlib.Path, standing: runs.Standing) -> int:
 def _callbacks(workdir: pathlib.Path, extra) -> list[keras.callbacks.Callback]:
   return [
       StopOnNonFinite(),
+      DiskSpaceCheck(workdir),
       keras.callbacks.BackupAndRestore(str(workdir / "backup"), double_checkpoint=True),
       AtomicCheckpoint(workdir),
       keras.callbacks.CSVLogger(str(workdir / "metrics.csv"), append=True),

@@ -8,6 +8,8 @@ across runs.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import tensorflow as tf
 
@@ -27,8 +29,8 @@ def _bernoulli_draws(images: np.ndarray, seed: int) -> np.ndarray:
   """x ~ Bernoulli(pixel) with a fixed seed: a bool array shaped like images.
 
   numpy only, so that it runs before TensorFlow is set up (threads are fixed by its first op)
-  and its float32 temporaries go back to the system (TensorFlow's allocator kept 60 MiB of them
-  for the MNIST test set); pixel / 255 in float32 is bit for bit what `to_unit_float` computes.
+  and its float32 temporaries go back to the system, which TensorFlow's allocator keeps;
+  pixel / 255 in float32 is bit for bit what `to_unit_float` computes.
   """
   images = np.asarray(images)
   if images.dtype == np.uint8:
@@ -58,6 +60,7 @@ def steps_per_epoch(num_examples: int, batch_size: int) -> int:
 
 def train_pipeline(images: np.ndarray, batch_size: int, seed: int, dynamic_binarization: bool,
                    first_epoch: int = 0, num_epochs: int | None = None,
+                   epoch_transform: Callable[[tf.data.Dataset], tf.data.Dataset] | None = None,
                    parallel_calls: int = tf.data.AUTOTUNE) -> tf.data.Dataset:
   """Training batches [M, H, W, C], epoch after epoch, as the model takes them.
 
@@ -83,6 +86,8 @@ def train_pipeline(images: np.ndarray, batch_size: int, seed: int, dynamic_binar
     dynamic_binarization: draw binary images afresh each epoch.
     first_epoch: the epoch to start at (a resumed run's initial epoch).
     num_epochs: stop before this epoch; None repeats forever.
+    epoch_transform: applied to each epoch's dataset of batches (tfvae.runtime groups them
+      into blocks there, so that no element spans two epochs).
     parallel_calls: threads that make batches, in order.
   """
   stored = tf.constant(images)
@@ -115,7 +120,7 @@ def train_pipeline(images: np.ndarray, batch_size: int, seed: int, dynamic_binar
     # On parallel threads: one core binarizes fewer images/s than a GPU trains on.
     batches = tf.data.Dataset.range(num_batches).map(
         load_batch, num_parallel_calls=parallel_calls, deterministic=True)
-    return batches
+    return batches if epoch_transform is None else epoch_transform(batches)
 
   epochs = tf.data.Dataset.range(first_epoch, num_epochs if num_epochs is not None
                                  else np.iinfo(np.int64).max)
