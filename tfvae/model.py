@@ -27,6 +27,43 @@ _PACKAGE = "tfvae"
 METRIC_NAMES = ("loss", "elbo", "kl", "nll")
 
 
+class TermMeans(keras.metrics.Metric):
+  """Weighted means of the objective's per-example terms, kept in one pair of variables.
+
+  The same numbers as one keras.metrics.Mean per term (sum of w * value over sum of w since
+  the last reset; w = 1 without sample weights), in a handful of ops per step instead of about
+  thirty. result() is a dict {name: mean}; Keras puts its entries into the logs as they are.
+  """
+
+  def __init__(self, names=METRIC_NAMES, name="term_means", dtype=None):
+    super().__init__(name=name, dtype=dtype)
+    self.names = tuple(names)
+    self.total = self.add_variable(shape=(len(self.names),), initializer="zeros",
+                                   dtype=self.dtype, name="total")
+    self.count = self.add_variable(shape=(), initializer="zeros", dtype=self.dtype,
+                                   name="count")
+
+  def update_state(self, terms: dict[str, tf.Tensor], sample_weight=None):
+    """Adds a batch: terms maps every name to a [B] tensor; sample_weight is [B] or None."""
+    values = tf.stack([tf.cast(terms[name], self.dtype) for name in self.names],
+                      axis=-1)  # [B, T]
+    if sample_weight is None:
+      self.total.assign_add(tf.reduce_sum(values, axis=0))
+      self.count.assign_add(tf.cast(tf.shape(values)[0], self.dtype))
+    else:
+      weights = tf.cast(tf.reshape(sample_weight, [-1, 1]), self.dtype)  # [B, 1]
+      self.total.assign_add(tf.reduce_sum(values * weights, axis=0))
+      self.count.assign_add(tf.reduce_sum(weights))
+
+  def result(self) -> dict[str, tf.Tensor]:
+    means = tf.math.divide_no_nan(tf.convert_to_tensor(self.total),
+                                  tf.convert_to_tensor(self.count))
+    return dict(zip(self.names, tf.unstack(means), strict=True))
+
+  def get_config(self):
+    return {**super().get_config(), "names": list(self.names)}
+
+
 def _as_config(model_config: ModelConfig | dict[str, Any]) -> ModelConfig:
   if isinstance(model_config, ModelConfig):
     return model_config
@@ -149,7 +186,7 @@ class VAE(keras.Model):
     self.decoder = Decoder(self.model_config, decoder_network, name="decoder")
     self.prior = distributions.make_prior(self.model_config.latent_size)
     self.seed_generator = keras.random.SeedGenerator(self.seed, name="noise_seed")
-    self.trackers = {name: keras.metrics.Mean(name=name) for name in METRIC_NAMES}
+    self.term_means = TermMeans()
     # The networks start with keras.Input, so every weight exists now; marking the model built
     # lets BackupAndRestore and load_weights work before the first batch.
     self.build((None, *self.model_config.image_shape))
@@ -230,13 +267,12 @@ class VAE(keras.Model):
     return self._update_metrics(terms, sample_weight)
 
   def _update_metrics(self, terms, sample_weight) -> dict[str, tf.Tensor]:
-    for name, tracker in self.trackers.items():
-      tracker.update_state(terms[name], sample_weight=sample_weight)
-    return {name: tracker.result() for name, tracker in self.trackers.items()}
+    self.term_means.update_state(terms, sample_weight)
+    return self.term_means.result()
 
   @property
   def metrics(self):
-    return list(self.trackers.values())
+    return [self.term_means]
 
   def fit(self, x=None, *args, **kwargs):
     """keras.Model.fit; numpy images (x, and validation_data passed by name) are checked first.

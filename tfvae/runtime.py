@@ -182,11 +182,15 @@ class Runtime:
       block spans two epochs; under a strategy, which splits each element's first axis across
       replicas, batches. Pass steps_per_call to `attach` and the epoch's steps to fit.
     """
-    steps_per_call = self.steps_per_call(steps_per_epoch(len(images), batch_size))
+    steps = steps_per_epoch(len(images), batch_size)
+    steps_per_call = self.steps_per_call(steps)
     blocks = self.strategy == "default" and steps_per_call > 1
+    # A static block size where it divides the epoch lets TensorFlow plan the loop once.
+    whole = steps % steps_per_call == 0
     batches = train_pipeline(
         images, batch_size, seed, dynamic_binarization, first_epoch=first_epoch,
-        epoch_transform=(lambda epoch: epoch.batch(steps_per_call)) if blocks else None,
+        epoch_transform=((lambda epoch: epoch.batch(steps_per_call, drop_remainder=whole))
+                         if blocks else None),
         parallel_calls=self.pipeline_threads)
     return self.feed(batches, strategy), steps_per_call
 
