@@ -177,20 +177,22 @@ def parse_frey_face(raw: bytes, source: str = "<bytes>", check_sha256: bool = Tr
 
 # ---- loaders: (data_dir, argument) -> (x_train, x_test, binary) ------------------------------
 
+def _train_and_test(dataset, parse, train_file, test_file, data_dir):
+  """(train, test) images parsed from two verified canonical files of `dataset`."""
+  return tuple(parse(path.read_bytes(), str(path)) for path in (
+      fetch(dataset, train_file, data_dir), fetch(dataset, test_file, data_dir)))
+
+
 def _load_mnist(data_dir, argument):
   del argument
-  train, test = (parse_idx_images(p.read_bytes(), str(p)) for p in (
-      fetch("mnist", "train-images-idx3-ubyte.gz", data_dir),
-      fetch("mnist", "t10k-images-idx3-ubyte.gz", data_dir)))
-  return train, test, False
+  return (*_train_and_test("mnist", parse_idx_images, "train-images-idx3-ubyte.gz",
+                           "t10k-images-idx3-ubyte.gz", data_dir), False)
 
 
 def _load_binarized_mnist(data_dir, argument):
   del argument
-  train, test = (parse_amat(p.read_bytes(), str(p)) for p in (
-      fetch("binarized_mnist", "binarized_mnist_train.amat", data_dir),
-      fetch("binarized_mnist", "binarized_mnist_test.amat", data_dir)))
-  return train, test, True
+  return (*_train_and_test("binarized_mnist", parse_amat, "binarized_mnist_train.amat",
+                           "binarized_mnist_test.amat", data_dir), True)
 
 
 def _load_frey_face(data_dir, argument):
