@@ -1,6 +1,7 @@
 """Importance-sampled log-likelihood against numerical integration and the ELBO."""
 
 import numpy as np
+import pytest
 import tensorflow as tf
 from scipy import integrate, special, stats
 
@@ -75,3 +76,58 @@ def test_evaluate_reports_per_example_means(small_config, binary_batch):
   assert results["log_likelihood"] > results["elbo"]
   np.testing.assert_allclose(results["bits_per_dim"],
                              -results["log_likelihood"] / (784 * np.log(2)), rtol=1e-6)
+
+
+def test_content_noise_estimates_what_independent_noise_does(small_config, binary_batch):
+  vae = tfvae.VAE(small_config)
+  estimates = {content: np.stack([evaluation.importance_sampled_log_likelihood(
+      vae, binary_batch, 2000, tf.constant([seed, 7]), content_noise=content).numpy()
+      for seed in range(6)]) for content in (True, False)}  # [seeds, B]
+  shared, independent = estimates[True], estimates[False]
+  assert not np.allclose(shared[0], independent[0], rtol=0, atol=1e-6)  # other draws
+  standard_error = np.sqrt((shared.var(0) + independent.var(0)) / len(shared))
+  difference = np.abs(shared.mean(0) - independent.mean(0))
+  assert np.all(difference < 4 * standard_error + 0.02), (difference, standard_error)
+
+
+def test_evaluate_matches_numerical_integration():
+  vae = _tiny_vae()
+  x = np.array([[[[i >> 3 & 1], [i >> 2 & 1]], [[i >> 1 & 1], [i & 1]]] for i in range(16)],
+               np.float32)  # every 2x2 binary image
+  exact = _integrated_log_likelihood(vae, x)
+  results = evaluation.evaluate(vae, x, num_samples=2000, batch_size=8)
+  assert abs(results["log_likelihood"] - exact.mean()) < 0.02, (results, exact.mean())
+
+
+def test_complexity_bits_is_the_png_length_of_the_quantized_image():
+  rng = np.random.default_rng(0)
+  images = np.stack([np.zeros((28, 28, 1)), np.ones((28, 28, 1)),
+                     rng.random((28, 28, 1)) < 0.5, rng.random((28, 28, 1))]).astype(np.float32)
+  bits = evaluation.complexity_bits(images).numpy()
+  quantized = np.round(images * 255).astype(np.uint8)
+  expected = [8 * len(tf.io.encode_png(image).numpy()) for image in quantized]
+  np.testing.assert_array_equal(bits, expected)
+  assert max(bits[:2]) < bits[2] < bits[3]  # constant, then 1 bit of noise per pixel, then 8
+  np.testing.assert_array_equal(evaluation.complexity_bits(quantized), bits)  # uint8 as it is
+  # More channels than PNG holds are encoded side by side.
+  assert evaluation.complexity_bits(np.zeros((2, 4, 4, 6), np.float32)).shape == (2,)
+  log_likelihood = tf.constant([-100.0, -10.0, -50.0, -500.0])
+  np.testing.assert_allclose(evaluation.anomaly_score(log_likelihood, bits),
+                             -log_likelihood.numpy() / np.log(2) - bits, rtol=1e-6)
+
+
+def test_evaluate_saved_model_keeps_each_request_within_the_export_limits(tmp_path,
+                                                                          monkeypatch):
+  from tfvae import export
+
+  vae = _tiny_vae()
+  monkeypatch.setattr(export, "MAX_LOG_LIKELIHOOD_PIXELS", 4 * 100)  # batch * K <= 100
+  path = export.export(vae, tmp_path, "tiny")
+  x = (np.random.default_rng(0).random((8, 2, 2, 1)) < 0.5).astype(np.float32)
+  with pytest.raises(tf.errors.InvalidArgumentError, match="ask in batches of at most 3 images"):
+    tf.saved_model.load(str(path)).signatures["log_likelihood"](
+        x=tf.constant(x), num_samples=tf.constant(30), seed=tf.constant(0, tf.int64))
+  results = evaluation.evaluate_saved_model(path, x, num_samples=30, batch_size=8)
+  assert results["num_examples"] == 8 and results["log_likelihood"] > results["elbo"]
+  with pytest.raises(ValueError, match="pass at most 100"):
+    evaluation.evaluate_saved_model(path, x, num_samples=101)

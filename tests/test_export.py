@@ -3,15 +3,18 @@
 import json
 import os
 import pathlib
+import shutil
+import stat
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
 import tfvae
-from tfvae import export
+from tfvae import evaluation, export, objectives
 
 # Runs in a fresh interpreter that imports only tensorflow and numpy.
 _RELOAD = r"""
@@ -26,7 +29,8 @@ out = {"signatures": sorted(model.signatures)}
 for name, kwargs in [("serving_default", {"x": x}), ("encode", {"x": x}),
                      ("decode", {"z": tf.constant(inputs["z"])}), ("reconstruct", {"x": x}),
                      ("sample", {"count": tf.constant(3), "seed": seed}),
-                     ("log_likelihood", {"x": x, "num_samples": tf.constant(300), "seed": seed})]:
+                     ("log_likelihood", {"x": x, "num_samples": tf.constant(300), "seed": seed}),
+                     ("anomaly_score", {"x": x})]:
   out[name] = {k: v.numpy().tolist() for k, v in model.signatures[name](**kwargs).items()}
 try:
   model.signatures["reconstruct"](x=x * 3.0)
@@ -61,6 +65,7 @@ def test_layout_is_model_name_then_integer_version(trained):
   assert [p.name for p in (root / "digits").iterdir()] == ["1"]  # no temporary left over
   config = json.loads((path / "assets.extra" / "tfvae.json").read_text())
   assert config["model_config"]["latent_size"] == 3
+  assert config["request_limits"]["max_sample_count"] == export.MAX_SAMPLE_COUNT
 
 
 def test_fresh_process_with_only_tensorflow_gets_the_keras_numbers(trained, tmp_path):
@@ -86,7 +91,19 @@ def test_fresh_process_with_only_tensorflow_gets_the_keras_numbers(trained, tmp_
   elbo = np.array(out["serving_default"]["elbo"])
   log_likelihood = np.array(out["log_likelihood"]["log_likelihood"])
   assert elbo.shape == log_likelihood.shape == (6,)
-  assert np.all(np.isfinite(log_likelihood)) and np.mean(log_likelihood) > np.mean(elbo)
+  # The estimates Keras computes with the same noise: from each image's content and the seed.
+  posterior = vae.encoder(x)
+  np.testing.assert_allclose(elbo, objectives.elbo_terms(
+      x, posterior, vae.prior, vae.decoder, 1, tf.constant([0, 0]), content_noise=True)["elbo"],
+                             rtol=1e-5)
+  np.testing.assert_allclose(log_likelihood, evaluation.importance_sampled_log_likelihood(
+      vae, x, 300, tf.constant([0, 11]), content_noise=True), rtol=1e-5)
+  # The complexity-corrected score: -elbo in bits less the PNG length (57 bytes of it headers).
+  complexity = np.array(out["anomaly_score"]["complexity_bits"])
+  assert np.all(complexity % 8 == 0) and np.all(complexity > 57 * 8)
+  np.testing.assert_allclose(out["anomaly_score"]["elbo"], elbo, rtol=1e-6)
+  np.testing.assert_allclose(out["anomaly_score"]["anomaly_score"],
+                             -elbo / np.log(2.0) - complexity, rtol=1e-5)
   assert "x must lie in [0, 1]" in out["bad_range"]
   assert "NaN or Inf" in out["nan"]
 
@@ -133,3 +150,134 @@ def test_an_unwritable_export_dir_fails_early(tmp_path):
     export.check_writable(blocker, "m")
   with pytest.raises(export.ExportError, match="plain folder name"):
     export.check_writable(tmp_path, "../escape")
+
+
+# One of two exporters run at once: both pick their version, then wait for each other at the
+# rename, so both try the same version and one must take the next.
+_EXPORT_AT_ONCE = r"""
+import json, os, pathlib, sys, time
+import tensorflow as tf
+import tfvae
+from tfvae import evaluation, export, objectives
+root, barrier, seed = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2]), int(sys.argv[3])
+tf.keras.utils.set_random_seed(seed)
+vae = tfvae.VAE(tfvae.ModelConfig(latent_size=3, hidden_sizes=(16,)))
+rename, next_version, picked = os.rename, export.next_version, []
+
+def recording_next_version(model_dir):
+  picked.append(next_version(model_dir))
+  return picked[-1]
+
+def rename_when_both_are_ready(source, target):
+  if pathlib.Path(target).parent == root / "digits":
+    (barrier / str(seed)).touch()
+    deadline = time.monotonic() + 240
+    while len(list(barrier.iterdir())) < 2 and time.monotonic() < deadline:
+      time.sleep(0.01)
+  rename(source, target)
+
+export.next_version, os.rename = recording_next_version, rename_when_both_are_ready
+path = export.export(vae, root, "digits")
+print(json.dumps({"path": str(path), "picked": picked}))
+"""
+
+
+def test_concurrent_exports_of_one_name_land_as_distinct_versions(tmp_path):
+  barrier = tmp_path / "barrier"
+  barrier.mkdir()
+  env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3",
+         "PYTHONPATH": os.pathsep.join([str(pathlib.Path(__file__).parent.parent),
+                                        os.environ.get("PYTHONPATH", "")])}
+  processes = [subprocess.Popen([sys.executable, "-c", _EXPORT_AT_ONCE, str(tmp_path),
+                                 str(barrier), str(seed)], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env=env) for seed in (1, 2)]
+  outs = []
+  for process in processes:
+    stdout, stderr = process.communicate(timeout=300)
+    assert process.returncode == 0, stderr[-3000:]
+    outs.append(json.loads(stdout.strip().splitlines()[-1]))
+  # Both picked version 1 and renamed at once; the one that lost picked again and took 2.
+  assert sorted(out["picked"] for out in outs) == [[1], [1, 2]]
+  assert sorted(pathlib.Path(out["path"]).name for out in outs) == ["1", "2"]
+  assert [p.name for p in sorted((tmp_path / "digits").iterdir())] == ["1", "2"]  # no temporary
+  x = tf.fill([1, 28, 28, 1], 0.5)
+  means = [tf.saved_model.load(out["path"]).signatures["encode"](x=x)["latent_mean"].numpy()
+           for out in outs]
+  assert not np.allclose(means[0], means[1])  # two models: neither export replaced the other
+
+
+def test_an_explicit_version_taken_while_writing_is_never_overwritten(trained, tmp_path,
+                                                                      monkeypatch):
+  vae, _, _, path = trained
+  rename = os.rename
+
+  def another_export_lands_first(source, target):
+    shutil.copytree(path, target)
+    rename(source, target)
+
+  monkeypatch.setattr(export.os, "rename", another_export_lands_first)
+  with pytest.raises(export.ExportError, match="never overwritten: omit the version to export"
+                                               " as 4"):
+    export.export(vae, tmp_path, "digits", version=3)
+  assert [p.name for p in (tmp_path / "digits").iterdir()] == ["3"]  # the other export, intact
+  assert (tmp_path / "digits" / "3" / "saved_model.pb").read_bytes() == (
+      path / "saved_model.pb").read_bytes()
+
+
+# Loads two exports after giving up root for uid 65534: the interpreter lives under /root (mode
+# 0700), so it starts as root, loads once to import what loading needs, then drops privileges.
+_LOAD_AS_NOBODY = r"""
+import json, os, sys
+import tensorflow as tf
+readable, private = sys.argv[1], sys.argv[2]
+tf.saved_model.load(readable)
+os.setgid(65534)
+os.setuid(65534)
+out = {"uid": os.getuid()}
+x = tf.zeros([1, 28, 28, 1])
+out["readable"] = tf.saved_model.load(readable).signatures["encode"](x=x)["latent_mean"].numpy(
+    ).tolist()
+try:
+  tf.saved_model.load(private)
+  out["private"] = "loaded"
+except Exception as e:
+  out["private"] = type(e).__name__
+print(json.dumps(out))
+"""
+
+
+def _modes(path: pathlib.Path) -> tuple[set[int], set[int]]:
+  """(modes of path and the folders under it, modes of the files under it)."""
+  entries = [path, *path.rglob("*")]
+  return ({stat.S_IMODE(p.stat().st_mode) for p in entries if p.is_dir()},
+          {stat.S_IMODE(p.stat().st_mode) for p in entries if p.is_file()})
+
+
+def test_exports_get_the_modes_of_the_umask_and_another_user_can_load_them(trained):
+  vae, _, _, _ = trained
+  # Not under pytest's tmp_path, whose root is 0700: uid 65534 must reach the export.
+  root = pathlib.Path(tempfile.mkdtemp(prefix="tfvae-modes-"))
+  try:
+    root.chmod(0o755)
+    exported = {}
+    for umask in (0o022, 0o077):
+      old = os.umask(umask)
+      try:
+        exported[umask] = export.export(vae, root, f"umask{umask:03o}")
+      finally:
+        os.umask(old)
+    assert _modes(exported[0o022]) == ({0o755}, {0o644})
+    assert _modes(exported[0o077]) == ({0o700}, {0o600})
+    if os.geteuid() != 0:
+      pytest.skip("loading as another user needs root")
+    result = subprocess.run([sys.executable, "-c", _LOAD_AS_NOBODY, str(exported[0o022]),
+                             str(exported[0o077])], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out["uid"] == 65534
+    expected = vae.encoder(np.zeros([1, 28, 28, 1], np.float32)).mean().numpy()
+    np.testing.assert_allclose(out["readable"], expected, rtol=1e-5, atol=1e-6)
+    assert out["private"] != "loaded"  # the umask said private: uid 65534 is refused
+  finally:
+    shutil.rmtree(root, ignore_errors=True)

@@ -2,6 +2,7 @@
 
 import numpy as np
 import tensorflow as tf
+from scipy import stats
 
 from tfvae import VAE, ModelConfig, distributions, objectives
 
@@ -91,3 +92,46 @@ def test_iwae_gradient_reaches_both_networks():
     loss = tf.reduce_mean(vae.per_example_terms(x, tf.constant([1, 1]))["loss"])
   gradients = tape.gradient(loss, vae.trainable_variables)
   assert all(g is not None and float(tf.reduce_sum(tf.abs(g))) > 0 for g in gradients)
+
+
+def test_content_noise_is_standard_normal_the_same_for_an_image_and_independent_across():
+  rng = np.random.default_rng(1)
+  images = (rng.random((3, 6, 6, 1)) < 0.5).astype(np.float32)
+  images[2] = images[0]  # the same image twice
+  loc = rng.normal(size=(3, 5)).astype(np.float32)
+  posterior = distributions.make_posterior(tf.constant(loc),
+                                           tf.constant(rng.normal(size=(3, 5)), tf.float32))
+  z = objectives.content_noise_sample(images, posterior, 20000, tf.constant([3, 4])).numpy()
+  assert z.shape == (20000, 3, 5)
+  noise = (z - loc) / posterior.stddev().numpy()  # [K, B, J]
+  np.testing.assert_allclose(noise[:, 2], noise[:, 0], atol=1e-4)  # same image, same draws
+  flat = noise[:, :2].reshape(20000, -1)  # two different images, 5 latents each
+  assert np.all(np.abs(flat.mean(0)) < 0.03) and np.all(np.abs(flat.std(0) - 1) < 0.03)
+  correlations = np.corrcoef(flat, rowvar=False)[np.triu_indices(10, 1)]
+  assert np.all(np.abs(correlations) < 0.03)  # across latents, samples and images
+  assert abs(stats.kurtosis(flat[:, 0])) < 0.1 and abs(stats.skew(flat[:, 0])) < 0.05
+  other_seed = objectives.content_noise_sample(images, posterior, 100, tf.constant([3, 5]))
+  assert not np.allclose(other_seed.numpy(), z[:100])
+
+
+def test_with_content_noise_an_example_scores_the_same_alone_and_in_any_batch(small_config,
+                                                                               binary_batch):
+  vae = VAE(small_config)
+  seed = tf.constant([1, 2], tf.int32)
+  image = binary_batch[:1]
+  batch = np.concatenate([binary_batch[1:4], image, image, binary_batch[4:]])  # at 3 and 4
+
+  def elbo(x, content_noise):
+    return objectives.elbo_terms(x, vae.encoder(x), vae.prior, vae.decoder, 2, seed,
+                                 content_noise=content_noise)["elbo"].numpy()
+
+  alone = elbo(image, True)
+  np.testing.assert_allclose(elbo(batch, True)[3:5], [alone[0]] * 2, rtol=1e-6)
+  # Independent noise (training's) scores the same image differently at each position.
+  assert abs(elbo(batch, False)[3] - elbo(batch, False)[4]) > 1e-3
+  log_w, _ = objectives.log_importance_weights(batch, vae.encoder(batch), vae.prior,
+                                               vae.decoder, 7, seed, content_noise=True)
+  log_w_alone, _ = objectives.log_importance_weights(image, vae.encoder(image), vae.prior,
+                                                     vae.decoder, 7, seed, content_noise=True)
+  np.testing.assert_allclose(log_w.numpy()[:, 3:5], np.repeat(log_w_alone.numpy(), 2, 1),
+                             rtol=1e-5)

@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -53,6 +54,7 @@ bad = {
   "num_samples": lambda: model.signatures["log_likelihood"](
       x=x, num_samples=tf.constant(0), seed=tf.constant(0, tf.int64)),
   "z": lambda: model.signatures["decode"](z=tf.fill([1, 3], float("nan"))),
+  "anomaly_nan": lambda: model.signatures["anomaly_score"](x=x + float("nan")),
 }
 out["bad"] = {}
 for name, call in bad.items():
@@ -88,7 +90,7 @@ def test_warmup_file_parses_and_every_request_runs_in_a_fresh_process(served):
   assert all(finite for *_, finite in warmup)
   bad = out["bad"]
   assert "accepted" not in bad.values(), bad
-  assert "NaN or Inf" in bad["inf"] and "NaN or Inf" in bad["z"]
+  assert "NaN or Inf" in bad["inf"] and "NaN or Inf" in bad["z"] and "NaN" in bad["anomaly_nan"]
   assert "x must lie in [0, 1]" in bad["negative"]
   assert "count must be <= 10000" in bad["count"]
   assert "num_samples must be >= 1" in bad["num_samples"]
@@ -160,3 +162,124 @@ def test_bin_export_writes_the_next_version_with_warmup(served, data_dir, tmp_pa
                           "--dataset=frey_face"], capture_output=True, text=True, env=env,
                          timeout=300)
   assert wrong.returncode != 0 and "pass the --dataset it was trained on" in wrong.stderr
+
+
+# A fresh interpreter with only tensorflow: requests over the limits, timed, with the peak
+# resident memory before and after (getrusage's ru_maxrss, KiB on Linux).
+_OVER_THE_LIMITS = r"""
+import json, resource, sys, time
+import tensorflow as tf
+model = tf.saved_model.load(sys.argv[1])
+sample, log_likelihood = model.signatures["sample"], model.signatures["log_likelihood"]
+seed = tf.constant(0, tf.int64)
+x = tf.zeros([200, 28, 28, 1])
+sample(count=tf.constant(2), seed=seed)  # traced and optimized before anything is measured
+log_likelihood(x=x[:1], num_samples=tf.constant(2), seed=seed)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+out = {}
+for name, call in [
+    ("count_1e6", lambda: sample(count=tf.constant(10**6), seed=seed)),
+    ("count_1e7", lambda: sample(count=tf.constant(10**7), seed=seed)),
+    ("batch_x_num_samples", lambda: log_likelihood(x=x, num_samples=tf.constant(100_000),
+                                                   seed=seed)),
+    ("num_samples", lambda: log_likelihood(x=x[:1], num_samples=tf.constant(10**6),
+                                           seed=seed))]:
+  start = time.perf_counter()
+  try:
+    call()
+    message = "accepted"
+  except tf.errors.InvalidArgumentError as e:
+    message = e.message
+  out[name] = {"seconds": time.perf_counter() - start, "message": message[:400]}
+out["rss_growth_mib"] = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+print(json.dumps(out))
+"""
+
+
+def test_requests_over_the_limits_are_refused_at_once_without_memory(served):
+  _, _, path = served
+  result = subprocess.run([sys.executable, "-c", _OVER_THE_LIMITS, str(path)],
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+  assert result.returncode == 0, result.stderr[-3000:]
+  out = json.loads(result.stdout.strip().splitlines()[-1])
+  for name in ("count_1e6", "count_1e7", "batch_x_num_samples", "num_samples"):
+    assert out[name]["seconds"] < 1.0, out
+  assert out["rss_growth_mib"] < 100, out
+  for name, count in (("count_1e6", 10**6), ("count_1e7", 10**7)):
+    assert "count must be <= 10000 for 28x28x1 images" in out[name]["message"], out[name]
+    assert f"got {count}: ask in batches of at most 10000" in out[name]["message"], out[name]
+  assert ("batch * num_samples must be <= 100000 for 28x28x1 images" in
+          out["batch_x_num_samples"]["message"]), out
+  assert ("got 200 * 100000: ask in batches of at most 1 images" in
+          out["batch_x_num_samples"]["message"]), out
+  assert "num_samples must be <= 100000" in out["num_samples"]["message"], out
+
+
+@pytest.fixture(scope="module")
+def digits(mnist, tmp_path_factory):
+  """(a small VAE trained 5 epochs on 10000 real MNIST digits, exported and loaded; the first
+  1000 test digits, binarized, float32)."""
+  tf.keras.utils.set_random_seed(0)
+  vae = tfvae.VAE(tfvae.ModelConfig(latent_size=8, hidden_sizes=(128,)))
+  vae.compile(optimizer=keras.optimizers.Adam(2e-3))
+  vae.fit(data.eval_arrays(mnist.x_train[:10000], bernoulli=True, binary=False), epochs=5,
+          batch_size=50, verbose=0)
+  path = export.export(vae, tmp_path_factory.mktemp("digits"), "digits")
+  x = data.eval_arrays(mnist.x_test[:1000], bernoulli=True, binary=False)
+  return tf.saved_model.load(str(path)), data.to_unit_float(x).numpy()
+
+
+def _scores(model, x, num_samples=50, seed=3):
+  x = tf.constant(x)
+  log_likelihood = model.signatures["log_likelihood"](
+      x=x, num_samples=tf.constant(num_samples), seed=tf.constant(seed, tf.int64))
+  return {"elbo": model.signatures["serving_default"](x=x)["elbo"].numpy(),
+          "anomaly_score": model.signatures["anomaly_score"](x=x)["anomaly_score"].numpy(),
+          "log_likelihood": log_likelihood["log_likelihood"].numpy()}
+
+
+def test_an_images_scores_do_not_depend_on_the_rest_of_the_request(digits):
+  model, x = digits
+  image, others = x[:1], x[1:9]
+  alone = _scores(model, image)
+  requests = {"repeated 5 times": (np.repeat(image, 5, axis=0), [0, 1, 2, 3, 4]),
+              "4th of 9": (np.concatenate([others[:3], image, others[3:]]), [3]),
+              "last of 9": (np.concatenate([others, image]), [8]),
+              # log_likelihood scores 100 images at a time: in the second part.
+              "121st of 150": (np.concatenate([x[10:130], image, x[130:159]]), [120])}
+  for request, (batch, positions) in requests.items():
+    scores = _scores(model, batch)
+    for name, values in scores.items():
+      np.testing.assert_allclose(values[positions], np.repeat(alone[name], len(positions)),
+                                 rtol=2e-6, atol=1e-4, err_msg=f"{name}, {request}")
+  # The scores still tell images apart, and another seed draws other noise.
+  assert np.ptp(_scores(model, others)["elbo"]) > 5
+  assert abs(_scores(model, image, seed=4)["log_likelihood"][0] - alone["log_likelihood"][0]) > 0
+
+
+def _simple_images() -> np.ndarray:
+  """A blank image and single straight strokes where MNIST draws its ones: [7, 28, 28, 1]."""
+  images = np.zeros((7, 28, 28), np.float32)
+  images[1, 5:23, 14:16] = 1  # vertical, 2 pixels wide
+  images[2, 5:23, 14] = 1  # vertical, 1 pixel wide
+  for image, (top, bottom) in zip(images[3:], ((18, 10), (17, 11), (19, 9), (16, 12)),
+                                  strict=True):
+    for row in range(5, 23):  # slanted, 2 pixels wide, from column top to column bottom
+      column = round(top + (bottom - top) * (row - 5) / 17)
+      image[row, column:column + 2] = 1
+  return images[..., None]
+
+
+def test_simple_images_look_most_normal_to_the_elbo_but_not_to_the_corrected_score(digits):
+  model, x = digits
+  simple = _simple_images()
+  digit_scores, simple_scores = _scores(model, x), _scores(model, simple)
+  # The blind spot (Nalisnick et al., 2019): by -elbo, the blank image and every stroke are
+  # more normal than 90% of real test digits.
+  assert np.all(-simple_scores["elbo"] < np.quantile(-digit_scores["elbo"], 0.1)), (
+      -simple_scores["elbo"], np.quantile(-digit_scores["elbo"], [0.1, 0.5]))
+  # Corrected for their complexity (Serra et al., 2020), each is more anomalous than 90% of them.
+  assert np.all(simple_scores["anomaly_score"] > np.quantile(digit_scores["anomaly_score"],
+                                                             0.9)), (
+      simple_scores["anomaly_score"], np.quantile(digit_scores["anomaly_score"], [0.5, 0.9]))

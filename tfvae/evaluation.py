@@ -1,10 +1,8 @@
-"""Importance-sampled marginal log-likelihood, the ELBO and bits per dimension.
+"""Importance-sampled log-likelihood, the ELBO, bits per dimension and an anomaly score.
 
 log p(x) ~= log (1/K) sum_k p(x|z_k) p(z_k) / q(z_k|x), z_k ~ q(z|x)  (Burda et al., 2015,
 appendix; Rezende et al., 2014). The K samples are drawn in chunks of `chunk_size`, merged with
-a running logsumexp, so memory is O(chunk_size * B * D) whatever K is: for the default MNIST
-model, B = 100 and chunk_size = 100, the process peaks about 110 MiB above its baseline, the
-same at K = 1000 and K = 5000 (measured with getrusage; see docs/BENCHMARKS.md).
+a running logsumexp, so memory is O(chunk_size * B * D) whatever K is.
 """
 
 from __future__ import annotations
@@ -22,7 +20,8 @@ DEFAULT_CHUNK_SIZE = 100
 
 
 def importance_sampled_log_likelihood(vae, x: tf.Tensor, num_samples, seed: tf.Tensor,
-                                      chunk_size: int = DEFAULT_CHUNK_SIZE) -> tf.Tensor:
+                                      chunk_size: int = DEFAULT_CHUNK_SIZE,
+                                      content_noise: bool = False) -> tf.Tensor:
   """The K-sample estimate of log p(x), [B]; K = num_samples (a Python int or int32 tensor).
 
   Its expectation is the IWAE bound, which is >= the ELBO and grows to log p(x) with K.
@@ -33,6 +32,9 @@ def importance_sampled_log_likelihood(vae, x: tf.Tensor, num_samples, seed: tf.T
     num_samples: K >= 1.
     seed: int32 [2] stateless seed.
     chunk_size: samples per chunk; bounds memory.
+    content_noise: draw each example's noise from its content and the seed
+      (tfvae.objectives.content_noise_sample), so its estimate does not depend on the rest of
+      the batch, as the served scores must not; False draws it from the seed alone.
   """
   x = to_unit_float(x)
   posterior = vae.encoder(x)
@@ -41,8 +43,8 @@ def importance_sampled_log_likelihood(vae, x: tf.Tensor, num_samples, seed: tf.T
   def accumulate(i, total):
     count = tf.minimum(chunk_size, num_samples - i * chunk_size)
     log_weights, _ = objectives.log_importance_weights(
-        x, posterior, vae.prior, vae.decoder, count,
-        objectives.fold_in(seed, i))  # [count, B]
+        x, posterior, vae.prior, vae.decoder, count, objectives.fold_in(seed, i),
+        content_noise=content_noise)  # [count, B]
     chunk_total = tf.reduce_logsumexp(log_weights, axis=0)  # [B]
     return i + 1, tf.reduce_logsumexp(tf.stack([total, chunk_total]), axis=0)
 
@@ -100,10 +102,17 @@ def evaluate_saved_model(path, x: np.ndarray, num_samples: int, seed: int = 0,
                          batch_size: int = 100) -> dict[str, float]:
   """`evaluate` through an exported SavedModel's signatures (serving_default, log_likelihood).
 
+  Batches are made smaller where the export's request limits (assets.extra/tfvae.json) need.
+
   Returns:
     Dict with "elbo" (one sample per example), "log_likelihood" and "bits_per_dim" when K > 0,
     "num_samples" and "num_examples".
+
+  Raises:
+    ValueError: num_samples is more than the log_likelihood signature takes in one request.
   """
+  if num_samples > 0:
+    batch_size = _batch_size_within_limits(path, x.shape[1:], num_samples, batch_size)
   model = tf.saved_model.load(str(path))  # kept alive here: the signatures use its variables
   signatures = model.signatures
 
@@ -116,6 +125,63 @@ def evaluate_saved_model(path, x: np.ndarray, num_samples: int, seed: int = 0,
     return terms
 
   return _aggregate(batch_terms, x, num_samples, batch_size)
+
+
+def _batch_size_within_limits(path, image_shape, num_samples: int, batch_size: int) -> int:
+  """The largest batch size <= batch_size whose log_likelihood requests the export accepts.
+
+  Raises:
+    ValueError: num_samples alone is more than the export's log_likelihood signature takes.
+  """
+  from tfvae import export  # here, since export imports this module
+
+  limits = export.load_metadata(path).get("request_limits", {})  # older exports: no limits
+  pixels = math.prod(image_shape)
+  max_num_samples = min(limits.get("max_num_samples", num_samples),
+                        limits.get("max_log_likelihood_pixels", num_samples * pixels) // pixels)
+  if num_samples > max_num_samples:
+    raise ValueError(f"num_samples={num_samples} is more than {path} takes per request for"
+                     f" {'x'.join(map(str, image_shape))} images; pass at most"
+                     f" {max_num_samples}")
+  if "max_log_likelihood_pixels" in limits:
+    batch_size = min(batch_size, limits["max_log_likelihood_pixels"] // (num_samples * pixels))
+  return batch_size
+
+
+def complexity_bits(x: tf.Tensor) -> tf.Tensor:
+  """L(x): each image's lossless compressed length in bits, its PNG's length * 8, [B].
+
+  The complexity estimate of Serra et al., "Input complexity and out-of-distribution detection
+  with likelihood-based generative models" (ICLR 2020), computed in the graph, so a SavedModel
+  serves it. Floats in [0, 1] are quantized to 0..255 first; images of more than 4 channels
+  (more than PNG holds) are encoded as one grey image of their channels side by side.
+
+  Args:
+    x: [B, H, W, C] float in [0, 1] or uint8 0..255, H, W and C known when traced.
+  """
+  x = tf.convert_to_tensor(x)
+  if x.dtype != tf.uint8:
+    x = tf.cast(tf.round(tf.clip_by_value(tf.cast(x, tf.float32), 0.0, 1.0) * 255.0), tf.uint8)
+  height, width, channels = x.shape[1:]
+  if channels > 4:
+    x = tf.reshape(x, [-1, height, width * channels, 1])  # [B, H, W * C, 1]
+  lengths = tf.map_fn(lambda image: tf.strings.length(tf.io.encode_png(image)), x,
+                      fn_output_signature=tf.int32)  # [B] bytes
+  return 8.0 * tf.cast(lengths, tf.float32)
+
+
+def anomaly_score(log_likelihood: tf.Tensor, complexity: tf.Tensor) -> tf.Tensor:
+  """S(x) = -log2 p(x) - L(x) in bits, [B]; higher is more anomalous (Serra et al., 2020).
+
+  -log2 p(x) alone can rate simple images (a blank image, a single stroke) as more likely than
+  the training data itself (Nalisnick et al., 2019); subtracting the compressed length takes out
+  what a general-purpose compressor already finds simple.
+
+  Args:
+    log_likelihood: [B] log p(x) in nats: an ELBO or an importance-sampled estimate.
+    complexity: [B] L(x) in bits, `complexity_bits` of the same images.
+  """
+  return -log_likelihood / math.log(2.0) - complexity
 
 
 def _aggregate(batch_terms, x: np.ndarray, num_samples: int,

@@ -2,7 +2,10 @@
 
 Layout: <export_dir>/<model_name>/<version>/, version an integer one above the largest there.
 The model is written to a hidden temporary folder beside it and renamed into place, so a server
-polling the folder never sees half a model.
+polling the folder never sees half a model; exports racing for one version each get their own,
+since a rename onto a taken version fails and the loser takes the next. Folders and files get
+the modes the process's umask gives new ones (0755 and 0644 under umask 022), so a server
+running as another user can read them.
 
 Signatures (tensors only, any batch size; x is float32 [B, H, W, C] in [0, 1]):
   serving_default(x) -> latent_mean [B, J], latent_scale [B, J], reconstruction [B, H, W, C],
@@ -12,13 +15,21 @@ Signatures (tensors only, any batch size; x is float32 [B, H, W, C] in [0, 1]):
   reconstruct(x)     -> reconstruction
   sample(count: int32 scalar, seed: int64 scalar) -> images [count, H, W, C], z [count, J]
   log_likelihood(x, num_samples: int32 scalar, seed: int64 scalar) -> log_likelihood [B]
+  anomaly_score(x)   -> anomaly_score [B] (-elbo in bits - complexity_bits; higher is more
+                        anomalous), elbo [B], complexity_bits [B] (the PNG length of x in bits)
 
-assets.extra/tfvae.json records the model's config for tools; TF Serving ignores it.
+elbo, log_likelihood and anomaly_score draw each image's noise from its content and the seed,
+so an image's score depends only on the image and the seed, not on the rest of the batch.
+
+assets.extra/tfvae.json records the model's config and the request limits for tools; TF
+Serving ignores it.
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import math
 import os
 import pathlib
 import re
@@ -35,11 +46,20 @@ from tfvae.model import _stateless_seed
 # assets.extra/<this>: the model's config, for tools such as bin/evaluate; servers ignore it.
 METADATA_FILE = "tfvae.json"
 WARMUP_FILE = "tf_serving_warmup_requests"  # TF Serving's fixed name, under assets.extra/
-# Requests asking for more than these fail instead of exhausting the server's memory.
+# Requests asking for more than these fail at once instead of occupying the server or exhausting
+# its memory. "Pixels" are the H * W * C values of one image.
 MAX_SAMPLE_COUNT = 10_000
+MAX_SAMPLE_PIXELS = 10_000 * 784  # count * pixels: 10000 MNIST images
 MAX_NUM_SAMPLES = 100_000
-SIGNATURES = ("serving_default", "encode", "decode", "reconstruct", "sample", "log_likelihood")
+MAX_LOG_LIKELIHOOD_PIXELS = 100_000 * 784  # batch * num_samples * pixels: 100 x 1000 on MNIST
+SIGNATURES = ("serving_default", "encode", "decode", "reconstruct", "sample", "log_likelihood",
+              "anomaly_score")
 _VERSION = re.compile(r"^\d+$")
+# What os.rename of a folder gives when the target is a non-empty folder, or not a folder.
+_TAKEN = (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR)
+# log_likelihood scores a request in parts of this many pixels (100 MNIST images), so its memory,
+# chunk_size * part * pixels, does not grow with the batch.
+_PART_PIXELS = 100 * 784
 
 
 class ExportError(RuntimeError):
@@ -116,11 +136,45 @@ def _check_input(x: tf.Tensor, likelihood: str, image_shape: tuple[int, ...]) ->
     return tf.identity(x)
 
 
+def _refuse_unless(ok: tf.Tensor, template: str, values: list) -> tf.Operation:
+  """An op that fails the request (InvalidArgumentError) with `template` formatted unless ok.
+
+  template takes the runtime values with "{}", as tf.strings.format does.
+  """
+  return tf.debugging.Assert(ok, [tf.strings.format(template, values)])
+
+
+def _after(checks: list, *tensors):
+  """tensors, each made to wait for every op in checks, so a refused request does no work."""
+  with tf.control_dependencies(checks):
+    return tuple(tf.identity(t) for t in tensors)
+
+
+def _in_parts(function, x: tf.Tensor, size: int) -> tf.Tensor:
+  """function(x) for x [B, ...] -> [B], computed on consecutive parts of at most size examples."""
+  batch = tf.shape(x)[0]
+  parts = (batch + size - 1) // size
+
+  def body(i, values):
+    return i + 1, values.write(i, function(x[i * size:(i + 1) * size]))
+
+  values = tf.TensorArray(tf.float32, size=parts, infer_shape=False, element_shape=[None])
+  _, values = tf.while_loop(lambda i, _: i < parts, body, (tf.constant(0), values))
+  return values.concat()  # [B]
+
+
 def _signatures(vae) -> dict[str, tuple]:
   """name -> (function, input signature) for every serving signature."""
   config = vae.model_config
   image_spec = tf.TensorSpec([None, *config.image_shape], tf.float32, name="x")
   scalar_seed = tf.TensorSpec([], tf.int64, name="seed")
+  pixels = math.prod(config.image_shape)
+  image_size = "x".join(map(str, config.image_shape))
+  max_count = min(MAX_SAMPLE_COUNT, MAX_SAMPLE_PIXELS // pixels)
+  max_pairs = MAX_LOG_LIKELIHOOD_PIXELS // pixels  # batch * num_samples
+  max_num_samples = min(MAX_NUM_SAMPLES, max_pairs)
+  # One draw of the ELBO's noise for a whole request, the same for every request.
+  elbo_seed = tf.constant([0, 0], tf.int32)
 
   def check(x):
     return _check_input(x, config.likelihood, config.image_shape)
@@ -128,13 +182,24 @@ def _signatures(vae) -> dict[str, tuple]:
   def latent_outputs(posterior):
     return {"latent_mean": posterior.mean(), "latent_scale": posterior.stddev()}
 
+  def elbo(x, posterior):
+    # Noise from each image's content, so its score does not depend on the other images.
+    return objectives.elbo_terms(x, posterior, vae.prior, vae.decoder, 1, elbo_seed,
+                                 content_noise=True)["elbo"]
+
   def serving_default(x):
     x = check(x)
     posterior = vae.encoder(x)
-    terms = objectives.elbo_terms(x, posterior, vae.prior, vae.decoder, 1,
-                                  tf.constant([0, 0], tf.int32))
     reconstruction = vae.decoder(posterior.mean()).mean()
-    return {**latent_outputs(posterior), "reconstruction": reconstruction, "elbo": terms["elbo"]}
+    return {**latent_outputs(posterior), "reconstruction": reconstruction,
+            "elbo": elbo(x, posterior)}
+
+  def anomaly_score(x):
+    x = check(x)
+    score = elbo(x, vae.encoder(x))
+    complexity = evaluation.complexity_bits(x)
+    return {"anomaly_score": evaluation.anomaly_score(score, complexity), "elbo": score,
+            "complexity_bits": complexity}
 
   def encode(x):
     return latent_outputs(vae.encoder(check(x)))
@@ -148,18 +213,38 @@ def _signatures(vae) -> dict[str, tuple]:
     return {"reconstruction": vae.reconstruct(check(x))}
 
   def sample(count, seed):
-    tf.debugging.assert_non_negative(count, "count must be >= 0")
-    tf.debugging.assert_less_equal(count, MAX_SAMPLE_COUNT,
-                                   f"count must be <= {MAX_SAMPLE_COUNT}; ask in batches")
+    count, = _after([
+        _refuse_unless(count >= 0, "count must be >= 0; got {}", [count]),
+        _refuse_unless(count <= max_count,
+                       f"count must be <= {max_count} for {image_size} images (count <="
+                       f" {MAX_SAMPLE_COUNT} and count * pixels <= {MAX_SAMPLE_PIXELS}); got"
+                       f" {{}}: ask in batches of at most {max_count}", [count]),
+    ], count)
     images, z = vae.sample(count, seed=seed, return_latents=True)
     return {"images": images, "z": z}
 
   def log_likelihood(x, num_samples, seed):
-    tf.debugging.assert_positive(num_samples, "num_samples must be >= 1")
-    tf.debugging.assert_less_equal(num_samples, MAX_NUM_SAMPLES,
-                                   f"num_samples must be <= {MAX_NUM_SAMPLES}")
-    return {"log_likelihood": evaluation.importance_sampled_log_likelihood(
-        vae, check(x), num_samples, _stateless_seed(seed))}
+    x = check(x)
+    batch = tf.size(x, out_type=tf.int64) // pixels  # from the size: a scalar x has no shape[0]
+    samples = tf.cast(num_samples, tf.int64)
+    samples_ok = (samples >= 1) & (samples <= max_num_samples)
+    x, num_samples = _after([
+        _refuse_unless(samples >= 1, "num_samples must be >= 1; got {}", [num_samples]),
+        _refuse_unless(samples <= max_num_samples,
+                       f"num_samples must be <= {max_num_samples} for {image_size} images;"
+                       f" got {{}}: ask for fewer", [num_samples]),
+        _refuse_unless(~samples_ok | (batch * samples <= max_pairs),
+                       f"batch * num_samples must be <= {max_pairs} for {image_size} images (batch"
+                       f" * num_samples * pixels <= {MAX_LOG_LIKELIHOOD_PIXELS}); got {{}} * {{}}:"
+                       f" ask in batches of at most {{}} images at this num_samples",
+                       [batch, num_samples, max_pairs // tf.maximum(samples, 1)]),
+    ], x, num_samples)
+    seed = _stateless_seed(seed)
+    # Each image's noise comes from its content, so the parts' estimates are the whole batch's.
+    return {"log_likelihood": _in_parts(
+        lambda part: evaluation.importance_sampled_log_likelihood(vae, part, num_samples, seed,
+                                                                  content_noise=True),
+        x, max(1, _PART_PIXELS // pixels))}
 
   return {
       "serving_default": (serving_default, [image_spec]),
@@ -170,6 +255,7 @@ def _signatures(vae) -> dict[str, tuple]:
       "log_likelihood": (log_likelihood, [image_spec, tf.TensorSpec([], tf.int32,
                                                                     name="num_samples"),
                                           scalar_seed]),
+      "anomaly_score": (anomaly_score, [image_spec]),
   }
 
 
@@ -196,6 +282,7 @@ def warmup_requests(vae, images: np.ndarray, model_name: str) -> list:
         "decode": {"z": latents[:batch]}, "reconstruct": {"x": images[:batch]},
         "sample": {"count": np.int32(batch), "seed": seed},
         "log_likelihood": {"x": images[:batch], "num_samples": np.int32(10), "seed": seed},
+        "anomaly_score": {"x": images[:batch]},
     }
     for name in SIGNATURES:
       request = predict_pb2.PredictRequest()
@@ -223,16 +310,86 @@ def _write_warmup(directory: pathlib.Path, logs) -> None:
       writer.write(log.SerializeToString())
 
 
+def request_limits() -> dict[str, int]:
+  """The limits the signatures are traced with, as tfvae.json records them for tools."""
+  return {"max_sample_count": MAX_SAMPLE_COUNT, "max_sample_pixels": MAX_SAMPLE_PIXELS,
+          "max_num_samples": MAX_NUM_SAMPLES,
+          "max_log_likelihood_pixels": MAX_LOG_LIKELIHOOD_PIXELS}
+
+
+def current_umask() -> int:
+  """The process's umask, read from /proc where Linux shows it, else set and restored at once.
+
+  os.umask can only be read by setting it, which for an instant applies to every thread; the
+  value set meanwhile is 0o077, so a file another thread makes then is too private, never too
+  open.
+  """
+  try:
+    for line in pathlib.Path("/proc/self/status").read_text().splitlines():
+      if line.startswith("Umask:"):
+        return int(line.split()[1], 8)
+  except (OSError, ValueError, IndexError):
+    pass
+  umask = os.umask(0o077)
+  os.umask(umask)
+  return umask
+
+
+def _set_modes(root: pathlib.Path, umask: int) -> None:
+  """Gives root and everything under it the modes the umask gives new folders and files.
+
+  tempfile.mkdtemp makes root 0700, which would hide the export from a server running as
+  another user.
+  """
+  for directory, _, files in os.walk(root):
+    os.chmod(directory, 0o777 & ~umask)
+    for name in files:
+      path = os.path.join(directory, name)
+      if not os.path.islink(path):  # a link's own mode is meaningless; its target is not ours
+        os.chmod(path, 0o666 & ~umask)
+
+
+def _rename_into_place(temporary: pathlib.Path, model_dir: pathlib.Path, version: int,
+                       explicit: bool) -> pathlib.Path:
+  """Renames temporary to model_dir/<version>, or to the next free version if that is taken.
+
+  A rename is atomic and fails on a version another export has renamed into place meanwhile,
+  so concurrent exports each land as their own version; for an explicit version, that is an
+  error instead.
+
+  Raises:
+    ExportError: the explicit version was taken meanwhile.
+  """
+  while True:
+    final = model_dir / str(version)
+    try:
+      if final.exists():  # rename would replace an empty folder; nothing may be replaced
+        raise FileExistsError(errno.EEXIST, "exists", str(final))
+      os.rename(temporary, final)
+      return final
+    except OSError as e:
+      if e.errno not in _TAKEN:
+        raise
+      if explicit:
+        raise ExportError(f"{final} exists; versions are never overwritten: omit the version"
+                          f" to export as {next_version(model_dir)}") from e
+      version = max(version + 1, next_version(model_dir))
+
+
 def export(vae, export_dir: str | os.PathLike, model_name: str, version: int | None = None,
            warmup_images: np.ndarray | None = None) -> pathlib.Path:
   """Writes `vae` as the SavedModel <export_dir>/<model_name>/<version>/ and returns its path.
+
+  Folders get mode 0o777 and files 0o666, less the process's umask (0755 and 0644 under the
+  usual 022), so that a server running as another user can load the export.
 
   Args:
     vae: a trained tfvae.VAE.
     export_dir: the root TF Serving watches (its --model_base_path's parent).
     model_name: the model's folder name.
-    version: an explicit version; by default one above the largest present. An existing
-      version is never overwritten.
+    version: an explicit version; by default one above the largest present when the export is
+      renamed into place (exports running at once get distinct versions). An existing version
+      is never overwritten.
     warmup_images: a few real images [B, H, W, C] (float32 in [0, 1], or uint8 0..255, as
       tfvae.data.eval_arrays gives them); when given, the export carries
       assets.extra/tf_serving_warmup_requests so the server traces every signature before
@@ -242,11 +399,11 @@ def export(vae, export_dir: str | os.PathLike, model_name: str, version: int | N
     ExportError: the version exists or the folder cannot be written. Nothing partial is left.
   """
   model_dir = check_writable(export_dir, model_name)
-  version = next_version(model_dir) if version is None else int(version)
-  final = model_dir / str(version)
-  if final.exists():
-    raise ExportError(f"{final} exists; versions are never overwritten: omit the version to"
-                      f" export as {next_version(model_dir)}")
+  explicit = version is not None
+  version = int(version) if explicit else next_version(model_dir)
+  if explicit and (model_dir / str(version)).exists():
+    raise ExportError(f"{model_dir / str(version)} exists; versions are never overwritten: omit"
+                      f" the version to export as {next_version(model_dir)}")
   archive = keras.export.ExportArchive()
   archive.track(vae)
   for name, (function, signature) in _signatures(vae).items():
@@ -257,19 +414,20 @@ def export(vae, export_dir: str | os.PathLike, model_name: str, version: int | N
     extra = temporary / "assets.extra"
     extra.mkdir(exist_ok=True)
     (extra / METADATA_FILE).write_text(json.dumps(
-        {"model_config": vae.model_config.to_dict(), "signatures": list(SIGNATURES)}, indent=2))
+        {"model_config": vae.model_config.to_dict(), "signatures": list(SIGNATURES),
+         "request_limits": request_limits()}, indent=2))
     if warmup_images is not None:
       images = data.to_unit_float(warmup_images).numpy()  # the signatures take float32 [0, 1]
       _write_warmup(extra, warmup_requests(vae, images, model_name))
-    os.rename(temporary, final)
+    _set_modes(temporary, current_umask())
+    return _rename_into_place(temporary, model_dir, version, explicit)
   except BaseException:
     shutil.rmtree(temporary, ignore_errors=True)
     raise
-  return final
 
 
 def load_metadata(path: str | os.PathLike) -> dict:
-  """The tfvae.json of an exported version folder (model_config, signatures).
+  """The tfvae.json of an exported version folder (model_config, signatures, request_limits).
 
   Raises:
     ExportError: the folder is not a tfvae export.
