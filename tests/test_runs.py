@@ -116,7 +116,7 @@ def test_a_dead_holders_lock_is_taken_over(tmp_path):
 
 
 def test_two_runs_in_one_workdir_one_is_refused(data_dir, tmp_path):
-  command = [sys.executable, str(ROOT / "bin" / "train"), *_QUICK, "--epochs=30",
+  command = [sys.executable, str(ROOT / "bin" / "train"), *_QUICK, "--epochs=1000",
              f"--workdir={tmp_path / 'w'}", f"--export_dir={tmp_path / 'models'}",
              "--model_name=m"]
   env = {**os.environ, "TFVAE_DATA_DIR": str(data_dir), "TF_CPP_MIN_LOG_LEVEL": "3"}
@@ -126,7 +126,7 @@ def test_two_runs_in_one_workdir_one_is_refused(data_dir, tmp_path):
     deadline = time.time() + 120
     while time.time() < deadline and "process" not in _read(tmp_path / "w" / runs.LOCK_FILE):
       time.sleep(0.1)
-    second = _one_line_error(_train(tmp_path, data_dir, "--epochs=30"))
+    second = _one_line_error(_train(tmp_path, data_dir, "--epochs=1000"))
     assert f"is in use by process {first.pid}" in second
   finally:
     first.send_signal(signal.SIGINT)
