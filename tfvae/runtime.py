@@ -5,9 +5,9 @@ a given machine from outside the model, the way an experiment wraps an untouched
 in a scan and a pmap:
 
   steps per call   K training steps in one call into the compiled graph, fed as one block
-                   [K, M, H, W, C] of K batches, since a tf.data element per step costs about
-                   as much as the step on a small CPU; under mirrored and multi_worker, where
-                   Keras's multi-step function fails, a graph loop over batches.
+                   [K, M, H, W, C] of K batches, since a tf.data element per step is costly
+                   next to a small step; under mirrored and multi_worker, where Keras's
+                   multi-step function fails, a graph loop over batches.
   batch shards     each batch split into concurrent branches of one step, so two CPU cores work
                    on one small batch without handing each op between threads.
   threads          TensorFlow's threads per op, matched to the shards.
