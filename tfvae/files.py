@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import pathlib
 
@@ -24,3 +25,9 @@ def atomic_path(path: str | os.PathLike):
     os.replace(temporary, path)
   finally:
     temporary.unlink(missing_ok=True)
+
+
+def write_json(path: str | os.PathLike, values) -> None:
+  """Writes values as indented, key-sorted JSON to path, atomically."""
+  with atomic_path(path) as temporary:
+    temporary.write_text(json.dumps(values, indent=2, sort_keys=True) + "\n")

@@ -24,7 +24,7 @@ import numpy as np
 
 from tfvae.config import ConfigError, ModelConfig, TrainConfig
 from tfvae.data import Dataset
-from tfvae.files import atomic_path
+from tfvae.files import write_json
 
 RUN_FILE = "run.json"
 LOCK_FILE = "lock"
@@ -91,7 +91,7 @@ def check(workdir: pathlib.Path, run: dict[str, Any], epochs_done: int) -> Stand
     if epochs_done or (workdir / "last.keras").exists():
       raise WorkdirError(f"{workdir} holds checkpoints but no {RUN_FILE} saying what run made"
                          f" them; {fix}")
-    _write_json(path, {**run, "epochs_done": 0})
+    write_json(path, {**run, "epochs_done": 0})
     return Standing(0, False)
   try:
     recorded = json.loads(path.read_text())
@@ -109,14 +109,14 @@ def check(workdir: pathlib.Path, run: dict[str, Any], epochs_done: int) -> Stand
     raise WorkdirError(f"{workdir} holds a run of {done} epochs, more than --epochs={asked}; pass"
                        f" --epochs={done} or more to continue it, --restart to start over, or"
                        f" another --workdir")
-  _write_json(path, {**run, "epochs_done": done})
+  write_json(path, {**run, "epochs_done": done})
   return Standing(done, done == asked and (workdir / "results.json").is_file())
 
 
 def record_epochs(workdir: pathlib.Path, epochs_done: int) -> None:
   """Notes in run.json that the run has finished epochs_done epochs."""
   path = workdir / RUN_FILE
-  _write_json(path, {**json.loads(path.read_text()), "epochs_done": epochs_done})
+  write_json(path, {**json.loads(path.read_text()), "epochs_done": epochs_done})
 
 
 def restart(workdir: pathlib.Path) -> None:
@@ -166,7 +166,3 @@ class Lock:
     self._file.close()  # drops the flock
     self._file = None
 
-
-def _write_json(path: pathlib.Path, values: dict[str, Any]) -> None:
-  with atomic_path(path) as temporary:
-    temporary.write_text(json.dumps(values, indent=2, sort_keys=True) + "\n")

@@ -29,7 +29,7 @@ from tfvae import data as data_lib
 from tfvae import evaluation, plots, runs
 from tfvae.config import ConfigError, ModelConfig, TrainConfig
 from tfvae.distributions import LIKELIHOODS
-from tfvae.files import atomic_path
+from tfvae.files import atomic_path, write_json
 from tfvae.model import VAE
 from tfvae.runtime import Runtime, is_chief
 
@@ -137,13 +137,16 @@ class DiskSpaceCheck(keras.callbacks.Callback):
     self.workdir = workdir
     self._epochs_done = 0
 
+  def on_train_begin(self, logs=None):
+    variables = [*self.model.variables, *self.model.optimizer.variables]
+    state = sum(math.prod(v.shape) * np.dtype(v.dtype).itemsize for v in variables)
+    self._needed = 3 * 2 * state + 2**20  # three files, each beside its old copy; 1 MiB slack
+
   def on_epoch_begin(self, epoch, logs=None):
     self._epochs_done = epoch
 
   def on_epoch_end(self, epoch, logs=None):
-    variables = [*self.model.variables, *self.model.optimizer.variables]
-    state = sum(math.prod(v.shape) * np.dtype(v.dtype).itemsize for v in variables)
-    needed = 3 * 2 * state + 2**20  # three files, each beside its previous copy; 1 MiB slack
+    needed = self._needed
     free = shutil.disk_usage(self.workdir).free
     if free < needed:
       kept = (f"the checkpoints of epoch {self._epochs_done}" if self._epochs_done
@@ -210,7 +213,7 @@ class AtomicCheckpoint(keras.callbacks.Callback):
     if value < self.best:
       self.best = value
       self._save("best.keras")
-      _write_json(self.directory / self.STATE_FILE, {"best": value, "epoch": epoch + 1})
+      write_json(self.directory / self.STATE_FILE, {"best": value, "epoch": epoch + 1})
 
 
 def resume_epoch(backup_dir: pathlib.Path) -> int:
@@ -265,6 +268,7 @@ def train(model_config: ModelConfig, train_config: TrainConfig, workdir: str | o
                                        train_config.max_examples)
     _check_model_fits(model_config, dataset)
     run = runs.identity(model_config, train_config, runs.data_fingerprint(dataset))
+    # The backup's epochs, or a finished run's (run.json), are where training starts.
     standing = runs.check(workdir, run, resume_epoch(workdir / "backup"))
     if standing.finished:
       logging.info("%s holds this run, finished: nothing to train.", workdir)
@@ -348,7 +352,7 @@ def _check_model_fits(model_config: ModelConfig, dataset: data_lib.Dataset) -> N
 def _resume_or_start(workdir: pathlib.Path, standing: runs.Standing) -> int:
   """The epoch to start at: after an interrupted run's last finished epoch, or after a
   finished run's last epoch when it continues, else 0."""
-  first_epoch = resume_epoch(workdir / "backup") or standing.epochs_done
+  first_epoch = standing.epochs_done
   if first_epoch == 0:  # a fresh run: forget any stale per-epoch records
     for stale in ("metrics.csv", AtomicCheckpoint.STATE_FILE):
       (workdir / stale).unlink(missing_ok=True)
@@ -374,7 +378,7 @@ def _report(vae, x_test, dataset_name, model_config, train_config, workdir) -> d
   test_metrics = evaluation.evaluate(vae, x_test, train_config.eval_num_samples,
                                      seed=train_config.seed, batch_size=train_config.batch_size)
   test_metrics.update(dataset=dataset_name, split="test")
-  _write_json(workdir / "results.json", {
+  write_json(workdir / "results.json", {
       "test": test_metrics, "model_config": model_config.to_dict(),
       "train_config": dataclasses.asdict(train_config)})
   plots.save_reconstructions(vae, x_test, workdir / "reconstructions.png")
@@ -383,7 +387,3 @@ def _report(vae, x_test, dataset_name, model_config, train_config, workdir) -> d
     plots.save_manifold(vae, workdir / "manifold.png")
   return test_metrics
 
-
-def _write_json(path: pathlib.Path, values: dict[str, Any]) -> None:
-  with atomic_path(path) as temporary:
-    temporary.write_text(json.dumps(values, indent=2, sort_keys=True) + "\n")
