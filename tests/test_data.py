@@ -20,7 +20,8 @@ def _idx(images: np.ndarray, magic: int = 0x00000803) -> bytes:
 
 
 def test_mnist_loads_with_canonical_shapes(mnist):
-  assert mnist.x_train.shape == (60000, 28, 28, 1) and mnist.x_train.dtype == np.uint8
+  assert mnist.x_train.shape == (50000, 28, 28, 1) and mnist.x_train.dtype == np.uint8
+  assert mnist.x_valid.shape == (10000, 28, 28, 1)
   assert mnist.x_test.shape == (10000, 28, 28, 1)
   assert not mnist.binary and mnist.x_train.max() == 255
 
@@ -45,7 +46,7 @@ def test_binarized_mnist_reaches_the_model_as_zeros_and_ones(data_dir):
 def test_frey_face_is_1965_faces_of_28x20(data_dir):
   dataset = data.load("frey_face", data_dir)
   assert dataset.image_shape == (28, 20, 1)
-  assert len(dataset.x_train) + len(dataset.x_test) == 1965
+  assert len(dataset.x_train) + len(dataset.x_valid) + len(dataset.x_test) == 1965
 
 
 def test_max_examples_caps_the_training_set(data_dir):
@@ -140,7 +141,11 @@ def test_npz_user_data(tmp_path):
     ({"x_train": np.full((2, 4, 4), np.nan), "x_test": np.zeros((2, 4, 4))}, "NaN or Inf"),
     ({"x_train": np.full((2, 4, 4), 3.0), "x_test": np.zeros((2, 4, 4))}, "divide by 255"),
     ({"x_train": np.zeros((0, 4, 4)), "x_test": np.zeros((2, 4, 4))}, "holds no images"),
-    ({"x_train": np.zeros((2, 16)), "x_test": np.zeros((2, 16))}, "expected \\[N, H, W\\]"),
+    ({"x_train": np.zeros((2, 2, 2, 2, 2)), "x_test": np.zeros((2, 16))},
+     "expected \\[N, H, W\\]"),
+    ({"x_train": np.zeros((2, 3, 8, 8)), "x_test": np.zeros((2, 3, 8, 8))},
+     "channels-first .* save x.transpose\\(0, 2, 3, 1\\)"),
+    ({"x_train": np.array([[0.0, np.nan]]), "x_test": np.zeros((2, 2))}, "NaN or Inf values"),
     ({"x_train": np.zeros((2, 4, 4)), "x_test": np.zeros((2, 5, 4))}, "must match"),
     ({"x_train": np.eye(4, dtype=np.uint8)[None], "x_test": np.zeros((2, 4, 4), np.uint8)},
      "multiply by 255"),

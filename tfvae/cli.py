@@ -23,7 +23,7 @@ FLAGS = flags.FLAGS
 
 # --help's sections: flag names in the order shown; the flags are defined below.
 HELP_GROUPS = {
-    "data": ["dataset", "data_dir", "max_examples"],
+    "data": ["dataset", "data_dir", "image_size", "validation_examples", "max_examples"],
     "model": ["likelihood", "observation_scale", "latent_size", "hidden_sizes", "architecture",
               "activation", "num_samples", "objective", "beta"],
     "training": ["epochs", "batch_size", "optimizer", "learning_rate", "weight_decay", "seed",
@@ -36,9 +36,17 @@ HELP_GROUPS = {
 
 
 def define_data_flags() -> None:
-  flags.DEFINE_string("dataset", "mnist", " | ".join(sources.names()) + ".")
+  flags.DEFINE_string("dataset", "mnist", "; ".join(
+      f"{name} ({source.summary})" for name, source in zip(sources.names(),
+                                                             sources.SOURCES.values())) + ".")
   flags.DEFINE_string("data_dir", None, "Folder holding <dataset>/<canonical file>; default"
-                      " $TFVAE_DATA_DIR, else ~/.keras/datasets.")
+                      " $TFVAE_DATA_DIR, else ~/.keras/datasets (tfds: $TFDS_DATA_DIR, else"
+                      " ~/tensorflow_datasets).")
+  flags.DEFINE_string("image_size", None, "HxW, e.g. 32x32: resize folder and tfds images to"
+                      " it (default: keep their size, which must be the same for all).")
+  flags.DEFINE_integer("validation_examples", None, "Examples held out from training to choose"
+                       " best.keras: default the source's validation split, else 10,000 for"
+                       " mnist, else 10% (at most 10,000); 0 for none.")
 
 
 def define_model_flags() -> None:
@@ -69,7 +77,7 @@ def define_train_flags() -> None:
   flags.DEFINE_float("learning_rate", defaults.learning_rate, "Learning rate.")
   flags.DEFINE_float("weight_decay", defaults.weight_decay, "Decoupled weight decay.")
   flags.DEFINE_integer("seed", defaults.seed, "Seeds weights, data order, binarization, noise.")
-  flags.DEFINE_integer("max_examples", None, "Keep only the first N training images.")
+  flags.DEFINE_integer("max_examples", None, "Keep only the first N training examples.")
   flags.DEFINE_integer("eval_num_samples", defaults.eval_num_samples,
                        "K of the importance-sampled test log-likelihood at the end; 0 skips.")
   define_runtime_flags()
@@ -97,8 +105,9 @@ def define_output_flags() -> None:
                     " checkpoints, metrics and pictures).")
   flags.DEFINE_string("export_dir", "savedmodels", "Root of the SavedModel export:"
                       " <export_dir>/<model_name>/<version>/.")
-  flags.DEFINE_string("model_name", None, "Name of the exported model (default:"
-                      " <dataset>_vae).")
+  flags.DEFINE_string("model_name", None, "Name of the exported model (default: from the"
+                      " dataset: mnist_vae; a file or folder's name and a digest of its path,"
+                      " e.g. faces_1a2b3c_vae; a tfds dataset's name).")
 
 
 def help_text() -> str:
@@ -117,8 +126,21 @@ def help_text() -> str:
   return "\n".join(lines) + "\n"
 
 
-def model_config_from_flags(image_shape) -> config.ModelConfig:
-  """ModelConfig from the model flags and the data's image shape; raises ConfigError."""
+def image_size_from_flags() -> tuple[int, int] | None:
+  """--image_size=HxW as (H, W), or None; raises ConfigError."""
+  if not FLAGS.image_size:
+    return None
+  height, x, width = FLAGS.image_size.lower().partition("x")
+  if not (x and height.strip().isdigit() and width.strip().isdigit()):
+    raise config.ConfigError(f"image_size={FLAGS.image_size!r} must be HxW, e.g. 32x32")
+  return int(height), int(width)
+
+
+def model_config_from_flags(image_shape, standardize: bool = False) -> config.ModelConfig:
+  """ModelConfig from the model flags and the data's example shape; raises ConfigError.
+
+  standardize: the data are real-valued vectors (tfvae.training.model_config_for's rule).
+  """
   try:
     hidden_sizes = tuple(int(h) for h in FLAGS.hidden_sizes)
   except ValueError as e:
@@ -128,7 +150,8 @@ def model_config_from_flags(image_shape) -> config.ModelConfig:
       image_shape=image_shape, latent_size=FLAGS.latent_size, hidden_sizes=hidden_sizes,
       architecture=FLAGS.architecture, activation=FLAGS.activation,
       likelihood=FLAGS.likelihood, observation_scale=FLAGS.observation_scale,
-      num_samples=FLAGS.num_samples, objective=FLAGS.objective, beta=FLAGS.beta)
+      num_samples=FLAGS.num_samples, objective=FLAGS.objective, beta=FLAGS.beta,
+      standardize=standardize and LIKELIHOODS[FLAGS.likelihood].data == "real")
 
 
 def train_config_from_flags() -> config.TrainConfig:
@@ -137,7 +160,8 @@ def train_config_from_flags() -> config.TrainConfig:
       dataset=FLAGS.dataset, data_dir=FLAGS.data_dir, batch_size=FLAGS.batch_size,
       epochs=FLAGS.epochs, optimizer=FLAGS.optimizer, learning_rate=FLAGS.learning_rate,
       weight_decay=FLAGS.weight_decay, seed=FLAGS.seed, max_examples=FLAGS.max_examples,
-      eval_num_samples=FLAGS.eval_num_samples)
+      eval_num_samples=FLAGS.eval_num_samples, validation_examples=FLAGS.validation_examples,
+      image_size=image_size_from_flags())
 
 
 def runtime_from_flags() -> runtime.Runtime:

@@ -47,7 +47,7 @@ class ModelConfig:
   """Everything that defines a VAE's architecture and objective.
 
   Attributes:
-    image_shape: (height, width, channels) of one example.
+    image_shape: (height, width, channels) of one image, or (D,) of one feature vector.
     latent_size: dimension J of z.
     hidden_sizes: widths of the hidden layers of the MLP (encoder order; the decoder mirrors
       them), or the channel counts of the conv layers.
@@ -61,6 +61,9 @@ class ModelConfig:
     num_samples: L, the Monte Carlo samples of z per example (K for the IWAE bound).
     objective: "elbo" (Kingma & Welling, eq. 10) or "iwae" (Burda et al., 2015).
     beta: weight of the KL term in the training loss; 1 is the ELBO, 0 an auto-encoder.
+    standardize: real-valued features: the model standardizes them with statistics of the
+      training data it stores (VAE.adapt), and its Gaussian means are not squashed into
+      (0, 1); the likelihood is of the raw values.
   """
 
   image_shape: tuple[int, int, int] = (28, 28, 1)
@@ -73,13 +76,15 @@ class ModelConfig:
   num_samples: int = 1
   objective: str = "elbo"
   beta: float = 1.0
+  standardize: bool = False
 
   def __post_init__(self):
     # Normalize sequences so configs from JSON (lists) compare equal to configs from code.
     object.__setattr__(self, "image_shape", tuple(int(d) for d in self.image_shape))
     object.__setattr__(self, "hidden_sizes", tuple(int(h) for h in self.hidden_sizes))
-    require(len(self.image_shape) == 3 and all(d > 0 for d in self.image_shape),
-            f"image_shape={self.image_shape} must be (height, width, channels), all positive")
+    require(len(self.image_shape) in (1, 3) and all(d > 0 for d in self.image_shape),
+            f"image_shape={self.image_shape} must be (height, width, channels) or (D,) for"
+            f" vectors, all positive")
     require(self.latent_size >= 1,
             f"latent_size={self.latent_size} must be at least 1 (the paper uses 2 to 200)")
     require(len(self.hidden_sizes) >= 1 and all(h >= 1 for h in self.hidden_sizes),
@@ -105,7 +110,13 @@ class ModelConfig:
                f"observation_scale is only used by a likelihood with a fixed scale"
                f" (gaussian_fixed), not {self.likelihood}; drop --observation_scale or pass"
                f" --likelihood=gaussian_fixed")
+    require(not self.standardize or LIKELIHOODS[self.likelihood].data == "real",
+            f"standardized features need a likelihood of real values (gaussian or"
+            f" gaussian_fixed), not {self.likelihood}")
     if self.architecture == "conv":
+      require(len(self.image_shape) == 3,
+              f"architecture=conv takes images, not vectors {self.image_shape}; use"
+              f" --architecture=mlp")
       height, width, _ = self.image_shape
       require(height % 4 == 0 and width % 4 == 0,
                f"architecture=conv halves the image twice, so height and width must be multiples"
@@ -117,6 +128,11 @@ class ModelConfig:
     values["image_shape"] = list(self.image_shape)
     values["hidden_sizes"] = list(self.hidden_sizes)
     return values
+
+  @property
+  def event_ndims(self) -> int:
+    """Dimensions of one example: 3 for images, 1 for vectors."""
+    return len(self.image_shape)
 
   @classmethod
   def from_dict(cls, values: dict[str, Any]) -> ModelConfig:
@@ -131,8 +147,8 @@ class TrainConfig:
   never part of the run's configuration.
 
   Attributes:
-    dataset: a source of tfvae.data.sources: "mnist", "binarized_mnist", "frey_face" or
-      "npz:PATH".
+    dataset: a source of tfvae.data.sources: "mnist", "binarized_mnist", "frey_face",
+      "npz:PATH", "csv:PATH", "folder:PATH" or "tfds:NAME[:CONFIG]".
     data_dir: folder holding <dataset>/<canonical file>; None means $TFVAE_DATA_DIR, else the
       Keras cache (~/.keras/datasets).
     batch_size: M, examples per step.
@@ -142,6 +158,9 @@ class TrainConfig:
     weight_decay: decoupled weight decay (AdamW style), 0 for none.
     seed: seeds weights, shuffling, binarization and the reparameterization noise.
     max_examples: keep only the first N training examples (quick runs); None keeps all.
+    validation_examples: examples held out from training for model selection (best.keras);
+      None: the source's default (tfvae.data.sources.with_validation), 0: none.
+    image_size: (height, width) to resize folder and TFDS images to; None keeps their size.
     eval_num_samples: K for the importance-sampled test log-likelihood at the end; 0 skips it.
   """
 
@@ -155,6 +174,8 @@ class TrainConfig:
   seed: int = 0
   max_examples: int | None = None
   eval_num_samples: int = 0
+  validation_examples: int | None = None
+  image_size: tuple[int, int] | None = None
 
   def __post_init__(self):
     try:
@@ -171,5 +192,11 @@ class TrainConfig:
             f"weight_decay={self.weight_decay} must be >= 0")
     require(self.max_examples is None or self.max_examples >= 1,
             f"max_examples={self.max_examples} must be at least 1 (or unset for all)")
+    require(self.validation_examples is None or self.validation_examples >= 0,
+            f"validation_examples={self.validation_examples} must be >= 0 (0: none)")
+    if self.image_size is not None:
+      object.__setattr__(self, "image_size", tuple(int(d) for d in self.image_size))
+      require(len(self.image_size) == 2 and all(d >= 1 for d in self.image_size),
+              f"image_size={self.image_size} must be (height, width), e.g. 32x32")
     require(self.eval_num_samples >= 0,
             f"eval_num_samples={self.eval_num_samples} must be >= 0 (0 skips the estimate)")

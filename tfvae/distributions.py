@@ -102,26 +102,41 @@ class BernoulliLogits(tfd.Bernoulli):
     return bernoulli_log_prob(event, tf.convert_to_tensor(self._logits))
 
 
-def _bernoulli(params: tf.Tensor, observation_scale: float | None) -> tfd.Distribution:
-  del observation_scale  # Bernoulli has no scale.
+def _bernoulli(params: tf.Tensor, observation_scale: float | None, event_ndims: int,
+               standardization) -> tfd.Distribution:
+  del observation_scale, standardization  # Bernoulli has no scale; binary data no statistics.
   # log p(x|z) = sum_k x_k log rho_k + (1 - x_k) log(1 - rho_k), computed from logits.
   return tfd.Independent(BernoulliLogits(logits=params, dtype=params.dtype),
-                         reinterpreted_batch_ndims=3)
+                         reinterpreted_batch_ndims=event_ndims)
 
 
-def _gaussian(params: tf.Tensor, observation_scale: float | None) -> tfd.Distribution:
-  del observation_scale  # Learned per pixel.
+def _normal(loc: tf.Tensor, scale: tf.Tensor, event_ndims: int, standardization):
+  """N(loc, scale^2) per value; with standardization (mean, std) a Normal of raw values.
+
+  Images: means squashed to (0, 1) as the paper does for Frey Face. Standardized features:
+  means unsquashed, and x = mean + std * x_std, so N(loc, scale^2) of x_std is
+  N(mean + std * loc, (std * scale)^2) of x, whose log-density has the Jacobian -sum log std.
+  """
+  if standardization is None:
+    return tfd.Independent(tfd.Normal(loc=tf.sigmoid(loc), scale=scale),
+                           reinterpreted_batch_ndims=event_ndims)
+  mean, std = standardization
+  return tfd.Independent(tfd.Normal(loc=mean + std * loc, scale=std * scale),
+                         reinterpreted_batch_ndims=event_ndims)
+
+
+def _gaussian(params: tf.Tensor, observation_scale: float | None, event_ndims: int,
+              standardization) -> tfd.Distribution:
+  del observation_scale  # Learned per value.
   raw_loc, raw_scale = tf.split(params, 2, axis=-1)
-  # Means squashed to (0, 1) as the paper does for Frey Face; scales learned per pixel.
-  return tfd.Independent(tfd.Normal(loc=tf.sigmoid(raw_loc), scale=positive_scale(raw_scale)),
-                         reinterpreted_batch_ndims=3)
+  return _normal(raw_loc, positive_scale(raw_scale), event_ndims, standardization)
 
 
-def _gaussian_fixed(params: tf.Tensor, observation_scale: float | None) -> tfd.Distribution:
+def _gaussian_fixed(params: tf.Tensor, observation_scale: float | None, event_ndims: int,
+                    standardization) -> tfd.Distribution:
   # log p(x|z) = -||x - mu(z)||^2 / (2 s^2) - D log(s sqrt(2 pi)): a scaled squared error.
-  loc = tf.sigmoid(params)
-  return tfd.Independent(tfd.Normal(loc=loc, scale=tf.constant(observation_scale, loc.dtype)),
-                         reinterpreted_batch_ndims=3)
+  scale = tf.constant(observation_scale, params.dtype)
+  return _normal(params, scale, event_ndims, standardization)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,8 +146,9 @@ class Likelihood:
   Attributes:
     name: the --likelihood value.
     params_per_value: raw decoder outputs per pixel-channel (the decoder emits C * k channels).
-    build: (params [..., H, W, C * k], observation_scale) -> a distribution with event shape
-      [H, W, C].
+    build: (params [..., H, W, C * k], observation_scale, event_ndims, standardization) -> a
+      distribution with event shape [H, W, C] (or [D] for vectors, params [..., D * k]);
+      standardization is None, or the (mean, std) of standardized features.
     data: what it models: "binary" (grey levels are binarized for it), "8-bit" or "real".
     fixed_scale: whether it takes --observation_scale.
     summary: one line for --help.
@@ -140,7 +156,7 @@ class Likelihood:
 
   name: str
   params_per_value: int
-  build: Callable[[tf.Tensor, float | None], tfd.Distribution]
+  build: Callable[..., tfd.Distribution]
   data: str
   fixed_scale: bool = False
   summary: str = ""
@@ -150,9 +166,9 @@ LIKELIHOODS = {record.name: record for record in (
     Likelihood("bernoulli", 1, _bernoulli, "binary",
                summary="binary pixels, from logits"),
     Likelihood("gaussian", 2, _gaussian, "real",
-               summary="grey levels in [0, 1], learned per-pixel scale"),
+               summary="grey levels in [0, 1] or real features, learned per-value scale"),
     Likelihood("gaussian_fixed", 1, _gaussian_fixed, "real", fixed_scale=True,
-               summary="grey levels in [0, 1], scale --observation_scale"),
+               summary="grey levels in [0, 1] or real features, scale --observation_scale"),
 )}
 
 
@@ -161,7 +177,13 @@ def params_per_pixel(likelihood: str) -> int:
   return LIKELIHOODS[likelihood].params_per_value
 
 
-def make_likelihood(likelihood: str, params: tf.Tensor,
-                    observation_scale: float | None = None) -> tfd.Distribution:
-  """p(x|z) with event shape [H, W, C] from raw decoder outputs [..., H, W, C * k]."""
-  return LIKELIHOODS[likelihood].build(params, observation_scale)
+def make_likelihood(likelihood: str, params: tf.Tensor, observation_scale: float | None = None,
+                    event_ndims: int = 3, standardization=None) -> tfd.Distribution:
+  """p(x|z) from raw decoder outputs [..., H, W, C * k] (event shape [H, W, C]), or [..., D * k]
+  (event shape [D], event_ndims 1).
+
+  Args:
+    standardization: None, or (mean [D], std [D]) of standardized features: the decoder's
+      outputs are in standardized units, the distribution is of raw values.
+  """
+  return LIKELIHOODS[likelihood].build(params, observation_scale, event_ndims, standardization)

@@ -84,7 +84,8 @@ def evaluate(vae, x: np.ndarray, num_samples: int, seed: int = 0, batch_size: in
   Args:
     vae: a tfvae.VAE.
     x: [N, H, W, C] evaluation images from tfvae.data.eval_arrays: uint8 0..255 or float32 in
-      [0, 1].
+      [0, 1] (or vectors [N, D]); or a tf.data.Dataset of such batches
+      (tfvae.data.eval_batches), whose own batch size is kept.
     num_samples: K for the importance-sampled log-likelihood; 0 skips it.
 
   Returns:
@@ -112,7 +113,8 @@ def evaluate_saved_model(path, x: np.ndarray, num_samples: int, seed: int = 0,
     ValueError: num_samples is more than the log_likelihood signature takes in one request.
   """
   if num_samples > 0:
-    batch_size = _batch_size_within_limits(path, x.shape[1:], num_samples, batch_size)
+    shape = x.element_spec.shape[1:] if isinstance(x, tf.data.Dataset) else x.shape[1:]
+    batch_size = _batch_size_within_limits(path, tuple(shape), num_samples, batch_size)
   model = tf.saved_model.load(str(path))  # kept alive here: the signatures use its variables
   signatures = model.signatures
 
@@ -156,10 +158,14 @@ def complexity_bits(x: tf.Tensor) -> tf.Tensor:
   serves it. Floats in [0, 1] are quantized to 0..255 first; images of more than 4 channels
   (more than PNG holds) are encoded as one grey image of their channels side by side.
 
+  Feature vectors [B, D] are no pictures: their complexity is 0, and the score is -log2 p(x).
+
   Args:
     x: [B, H, W, C] float in [0, 1] or uint8 0..255, H, W and C known when traced.
   """
   x = tf.convert_to_tensor(x)
+  if x.shape.rank == 2:
+    return tf.zeros(tf.shape(x)[:1], tf.float32)
   if x.dtype != tf.uint8:
     x = tf.cast(tf.round(tf.clip_by_value(tf.cast(x, tf.float32), 0.0, 1.0) * 255.0), tf.uint8)
   height, width, channels = x.shape[1:]
@@ -184,18 +190,29 @@ def anomaly_score(log_likelihood: tf.Tensor, complexity: tf.Tensor) -> tf.Tensor
   return -log_likelihood / math.log(2.0) - complexity
 
 
-def _aggregate(batch_terms, x: np.ndarray, num_samples: int,
-               batch_size: int) -> dict[str, float]:
+def _batches(x, batch_size: int):
+  """Batches of x, an array (sliced: no second copy inside TensorFlow) or a tf.data.Dataset."""
+  if isinstance(x, tf.data.Dataset):
+    yield from x
+    return
+  for start in range(0, len(x), batch_size):
+    yield x[start:start + batch_size]
+
+
+def _aggregate(batch_terms, x, num_samples: int, batch_size: int) -> dict[str, float]:
   """Per-example means of batch_terms(batch, index) -> {name: [B]} over x, plus bits/dim."""
   sums: dict[str, float] = {}
-  # Batch by batch from the array: no second copy of the whole set inside TensorFlow.
-  for index, start in enumerate(range(0, len(x), batch_size)):
-    batch = to_unit_float(x[start:start + batch_size])
+  count, num_dims = 0, None
+  for index, batch in enumerate(_batches(x, batch_size)):
+    batch = to_unit_float(batch)
+    count += int(batch.shape[0])
+    num_dims = math.prod(batch.shape[1:])
     for name, values in batch_terms(batch, tf.constant(index, tf.int64)).items():
       sums[name] = sums.get(name, 0.0) + float(tf.reduce_sum(tf.cast(values, tf.float64)))
-  results = {name: total / len(x) for name, total in sums.items()}
-  num_dims = math.prod(x.shape[1:])
+  if not count:
+    raise ValueError("nothing to evaluate: no examples")
+  results = {name: total / count for name, total in sums.items()}
   score = results.get("log_likelihood", results["elbo"])
   results["bits_per_dim"] = float(objectives.bits_per_dim(tf.constant(score), num_dims))
-  results.update(num_samples=int(num_samples), num_examples=int(len(x)))
+  results.update(num_samples=int(num_samples), num_examples=count)
   return results

@@ -122,16 +122,18 @@ def _check_shape(tensor: tf.Tensor, name: str, tail: tuple[int, ...]) -> tf.Oper
                              summarize=_MAX_CHECKED_RANK)
 
 
-def _check_input(x: tf.Tensor, likelihood: str, image_shape: tuple[int, ...]) -> tf.Tensor:
+def _check_input(x: tf.Tensor, likelihood: str, image_shape: tuple[int, ...],
+                 unit_range: bool = True) -> tf.Tensor:
   """Fails the request (InvalidArgumentError) on a shape other than [B, *image_shape], on NaN
-  or Inf, or on pixels outside [0, 1]."""
+  or Inf, or, with unit_range (images), on pixels outside [0, 1]."""
   with tf.control_dependencies([_check_shape(x, "x", image_shape)]):
     x = tf.identity(x)
   checks = [tf.debugging.assert_all_finite(x, "x holds NaN or Inf values")]
-  in_range = tf.reduce_all((x >= 0.0) & (x <= 1.0))
-  checks.append(tf.debugging.Assert(
-      in_range, [f"x must lie in [0, 1] for the {likelihood} likelihood; got min/max",
-                 tf.reduce_min(x), tf.reduce_max(x)]))
+  if unit_range:
+    in_range = tf.reduce_all((x >= 0.0) & (x <= 1.0))
+    checks.append(tf.debugging.Assert(
+        in_range, [f"x must lie in [0, 1] for the {likelihood} likelihood; got min/max",
+                   tf.reduce_min(x), tf.reduce_max(x)]))
   with tf.control_dependencies(checks):
     return tf.identity(x)
 
@@ -177,7 +179,8 @@ def _signatures(vae) -> dict[str, tuple]:
   elbo_seed = tf.constant([0, 0], tf.int32)
 
   def check(x):
-    return _check_input(x, config.likelihood, config.image_shape)
+    return _check_input(x, config.likelihood, config.image_shape,
+                        unit_range=not config.standardize)
 
   def latent_outputs(posterior):
     return {"latent_mean": posterior.mean(), "latent_scale": posterior.stddev()}
@@ -301,7 +304,7 @@ def warmup_images(dataset, likelihood: str, count: int = 8) -> np.ndarray:
   As tfvae.data.eval_arrays gives them (binarized once for Bernoulli; uint8 stays uint8), and
   computed in numpy, so a caller can take them before TensorFlow is set up.
   """
-  return data.eval_arrays(dataset.x_test[:count], likelihood == "bernoulli", dataset.binary)
+  return data.eval_head(dataset.test, count, likelihood == "bernoulli", dataset.binary)
 
 
 def _write_warmup(directory: pathlib.Path, logs) -> None:

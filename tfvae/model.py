@@ -17,7 +17,7 @@ import tensorflow_probability as tfp
 
 from tfvae import distributions, networks, objectives
 from tfvae.config import ModelConfig
-from tfvae.data import check_images, to_unit_float
+from tfvae.data import check_examples, to_unit_float
 
 tfd = tfp.distributions
 
@@ -89,12 +89,22 @@ def _network_config(layer) -> dict[str, Any]:
 
 
 class _ConfiguredModel(keras.Model):
-  """A Keras model built from a ModelConfig and, optionally, a user's network."""
+  """A Keras model built from a ModelConfig and, optionally, a user's network.
+
+  With model_config.standardize it holds the features' training mean and standard deviation,
+  non-trainable weights that VAE.adapt sets and the saved model keeps.
+  """
 
   def __init__(self, model_config, network, build_network, input_shape, output_shape, role,
                **kwargs):
     super().__init__(**kwargs)
     self.model_config = _as_config(model_config)
+    if self.model_config.standardize:
+      shape = self.model_config.image_shape
+      self.feature_mean = self.add_weight(shape=shape, initializer="zeros", trainable=False,
+                                          name="feature_mean")
+      self.feature_std = self.add_weight(shape=shape, initializer="ones", trainable=False,
+                                         name="feature_std")
     self.custom_network = network is not None
     if isinstance(network, dict):
       network = keras.saving.deserialize_keras_object(network)
@@ -111,8 +121,10 @@ class _ConfiguredModel(keras.Model):
 class Encoder(_ConfiguredModel):
   """Recognition model: x [B, H, W, C] -> q(z|x), a diagonal Normal with event shape [J].
 
-  x is float in [0, 1], or uint8 0..255 (scaled by 1/255 here). network, if given, is a Keras
-  model mapping float images [B, H, W, C] to [B, 2J] (means, then raw scales).
+  x is float in [0, 1], or uint8 0..255 (scaled by 1/255 here); or feature vectors [B, D],
+  standardized here when model_config.standardize. network, if given, is a Keras model
+  mapping float images [B, H, W, C] (or standardized vectors [B, D]) to [B, 2J] (means, then
+  raw scales).
   """
 
   def __init__(self, model_config: ModelConfig | dict[str, Any],
@@ -122,17 +134,22 @@ class Encoder(_ConfiguredModel):
                      **kwargs)
 
   def call(self, x, training=None) -> tfd.Distribution:
-    params = tf.cast(self.network(to_unit_float(x), training=training), tf.float32)  # [B, 2J]
+    x = to_unit_float(x)
+    if self.model_config.standardize:
+      x = (x - self.feature_mean) / self.feature_std
+    params = tf.cast(self.network(x, training=training), tf.float32)  # [B, 2J]
     loc, raw_scale = tf.split(params, 2, axis=-1)  # [B, J] each
     return distributions.make_posterior(loc, raw_scale)
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
 class Decoder(_ConfiguredModel):
-  """Generative model: z [..., J] -> p(x|z) with event shape [H, W, C] and batch shape [...].
+  """Generative model: z [..., J] -> p(x|z) with event shape [H, W, C] (or [D]) and batch shape
+  [...].
 
-  network, if given, is a Keras model mapping z [B, J] to [B, H, W, C * k] raw likelihood
-  parameters, k = tfvae.distributions.params_per_pixel(likelihood).
+  network, if given, is a Keras model mapping z [B, J] to [B, H, W, C * k] (or [B, D * k]) raw
+  likelihood parameters, k = tfvae.distributions.params_per_pixel(likelihood); in
+  standardized units when model_config.standardize, and p(x|z) is of the raw values.
   """
 
   def __init__(self, model_config: ModelConfig | dict[str, Any],
@@ -147,8 +164,12 @@ class Decoder(_ConfiguredModel):
     flat_z = tf.reshape(z, [-1, self.model_config.latent_size])  # [L * B, J]
     flat_params = tf.cast(self.network(flat_z, training=training), tf.float32)
     params = tf.reshape(flat_params, tf.concat([batch_shape, tf.shape(flat_params)[1:]], 0))
-    return distributions.make_likelihood(self.model_config.likelihood, params,  # [L, B, H, W, Ck]
-                                         self.model_config.observation_scale)
+    config = self.model_config
+    standardization = ((tf.convert_to_tensor(self.feature_mean),
+                        tf.convert_to_tensor(self.feature_std)) if config.standardize else None)
+    return distributions.make_likelihood(config.likelihood, params,  # [L, B, H, W, Ck]
+                                         config.observation_scale, config.event_ndims,
+                                         standardization)
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
@@ -164,7 +185,10 @@ class VAE(keras.Model):
     images = vae.sample(16, seed=0)
 
   x is float in [0, 1] or uint8 0..255 (scaled by 1/255 inside the model), shaped
-  [N, H, W, C] as in `model_config.image_shape`. Metrics are per-example means in nats: loss
+  [N, H, W, C] as in `model_config.image_shape`; or real feature vectors [N, D] (with
+  model_config.standardize, call `adapt` on the training data before fit). fit also takes a
+  tf.data.Dataset of batches of images, of (images, labels) or of dicts with an "image" key;
+  labels are ignored. Metrics are per-example means in nats: loss
   (what is minimized), elbo, kl and nll (-E_q log p(x|z)). train_step and test_step take one
   batch; tfvae.runtime runs them faster on a given machine from outside.
 
@@ -220,6 +244,37 @@ class VAE(keras.Model):
     images = self.decoder(z).mean()
     return (images, z) if return_latents else images
 
+  def adapt(self, data, batch_size: int = 1000) -> None:
+    """Sets the standardization statistics (model_config.standardize) from training data.
+
+    Like keras.layers.Normalization.adapt: the mean and standard deviation of each feature over
+    data, an array [N, D], a tf.data.Dataset of batches, or a tfvae.data.splits.Split. A
+    feature that never varies gets a standard deviation of 1.
+    """
+    if not self.model_config.standardize:
+      raise ValueError("adapt sets the statistics of standardized features; this model's"
+                       " model_config.standardize is False")
+    if isinstance(data, np.ndarray):
+      batches = [data]
+    elif hasattr(data, "examples"):  # a Split
+      batches = data.examples().batch(batch_size).as_numpy_iterator()
+    else:
+      batches = data.as_numpy_iterator()
+    count, total, squares = 0, 0.0, 0.0
+    for batch in batches:
+      batch = np.asarray(_examples_of(batch), np.float64)
+      count += len(batch)
+      total = total + batch.sum(axis=0)
+      squares = squares + np.square(batch).sum(axis=0)
+    if count == 0:
+      raise ValueError("adapt got no examples")
+    mean = total / count
+    std = np.sqrt(np.maximum(squares / count - np.square(mean), 0.0))
+    std = np.where(std > 1e-6 * np.maximum(1.0, np.abs(mean)), std, 1.0)
+    for layer in (self.encoder, self.decoder):
+      layer.feature_mean.assign(mean.astype(np.float32))
+      layer.feature_std.assign(std.astype(np.float32))
+
   # ---- training ------------------------------------------------------------------------------
 
   def per_example_terms(self, x, seed, training=False,
@@ -247,6 +302,7 @@ class VAE(keras.Model):
   def train_step(self, data):
     """One optimizer step on a batch x [M, H, W, C] (sample weights [M], if any)."""
     x, _, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+    x = _examples_of(x)
     with tf.GradientTape() as tape:
       terms = self.per_example_terms(x, self._train_seed(), training=True)
       loss = _weighted_mean(terms["loss"], sample_weight)
@@ -262,6 +318,7 @@ class VAE(keras.Model):
   def test_step(self, data):
     """Adds a batch x [M, H, W, C] to the metrics."""
     x, _, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+    x = _examples_of(x)
     terms = self.per_example_terms(x, tf.cast(self.seed_generator.next(), tf.int32),
                                    training=False)
     return self._update_metrics(terms, sample_weight)
@@ -310,12 +367,22 @@ class VAE(keras.Model):
 
 
 def _check_numpy_images(x, source: str) -> None:
-  """tfvae.data.check_images for numpy arrays: the pixel range the model reads.
+  """tfvae.data.check_examples for numpy arrays: the pixel range the model reads.
 
   Tensors and datasets pass unchecked; checking them would cost every step.
   """
   if isinstance(x, np.ndarray):
-    check_images(x, source)
+    check_examples(x, source)
+
+
+def _examples_of(x):
+  """The examples of a batch: x itself, or its "image" entry when x is a dict (as TFDS gives)."""
+  if not isinstance(x, dict):
+    return x
+  if "image" in x:
+    return x["image"]
+  raise ValueError(f"a batch given as a dict needs an 'image' key (got {sorted(x)}); map the"
+                   f" dataset to images, e.g. dataset.map(lambda d: d['pixels'])")
 
 
 def _weighted_mean(values: tf.Tensor, sample_weight) -> tf.Tensor:

@@ -1,7 +1,8 @@
 """Keras networks that emit raw parameter tensors; distributions are built in tfvae.model.
 
-An encoder network maps images [B, H, W, C] to [B, 2J] (means, raw scales); a decoder network
-maps latents [B, J] to [B, H, W, C * k] raw likelihood parameters (k from the likelihood).
+An encoder network maps images [B, H, W, C] (or vectors [B, D]) to [B, 2J] (means, raw scales);
+a decoder network maps latents [B, J] to [B, H, W, C * k] (or [B, D * k]) raw likelihood
+parameters, k from the likelihood.
 """
 
 from __future__ import annotations
@@ -39,21 +40,24 @@ def build_encoder_network(config: ModelConfig) -> keras.Sequential:
   return keras.Sequential(layers, name="encoder_network")
 
 
-def decoder_output_shape(config: ModelConfig) -> tuple[int, int, int]:
-  """(H, W, C * k): a decoder network's output for one latent, k raw parameters per value."""
-  height, width, channels = config.image_shape
-  return height, width, channels * params_per_pixel(config.likelihood)
+def decoder_output_shape(config: ModelConfig) -> tuple[int, ...]:
+  """(H, W, C * k), or (D * k,) for vectors: a decoder network's output for one latent, k raw
+  parameters per value."""
+  *outer, last = config.image_shape
+  return (*outer, last * params_per_pixel(config.likelihood))
 
 
 def build_decoder_network(config: ModelConfig) -> keras.Sequential:
-  """z [B, latent_size] -> [B, H, W, C * k]: the generative model's raw parameters."""
-  height, width, out_channels = decoder_output_shape(config)
+  """z [B, latent_size] -> [B, H, W, C * k] (or [B, D * k]): the generative model's raw
+  parameters."""
+  output_shape = decoder_output_shape(config)
   layers: list[keras.layers.Layer] = [keras.Input(shape=(config.latent_size,), name="z")]
   if config.architecture == "mlp":
     layers += _dense_stack(config, reversed(config.hidden_sizes), "decoder")
-    layers += [keras.layers.Dense(height * width * out_channels, name="likelihood_params"),
-               keras.layers.Reshape((height, width, out_channels))]
+    layers += [keras.layers.Dense(math.prod(output_shape), name="likelihood_params"),
+               keras.layers.Reshape(output_shape)]
   else:
+    height, width, out_channels = output_shape
     first, last = config.hidden_sizes[0], config.hidden_sizes[-1]
     layers += [keras.layers.Dense(math.prod((height // 4, width // 4, last)),
                                   activation=config.activation, name="decoder_dense"),

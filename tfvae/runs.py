@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import errno
 import fcntl
-import hashlib
 import json
 import os
 import pathlib
@@ -20,10 +19,8 @@ import shutil
 import socket
 from typing import Any
 
-import numpy as np
-
 from tfvae.config import ConfigError, ModelConfig, TrainConfig
-from tfvae.data import Dataset
+from tfvae.data import Dataset, splits
 from tfvae.files import write_json
 
 RUN_FILE = "run.json"
@@ -39,12 +36,12 @@ class WorkdirError(ConfigError):
 
 
 def data_fingerprint(dataset: Dataset) -> str:
-  """sha256 of the images a run trains and tests on (their dtype, shape and bytes)."""
-  digest = hashlib.sha256()
-  for images in (dataset.x_train, dataset.x_test):
-    digest.update(f"{images.dtype}{images.shape}".encode())
-    digest.update(np.ascontiguousarray(images).data)
-  return digest.hexdigest()
+  """sha256 of what a run trains, validates and tests on: arrays' dtype, shape and bytes;
+  files' names and sizes (tfvae.data.splits)."""
+  parts = [dataset.train, dataset.test]
+  if dataset.validation is not None:
+    parts.append(dataset.validation)
+  return splits.fingerprint(*parts)
 
 
 def identity(model_config: ModelConfig, train_config: TrainConfig,
@@ -52,7 +49,8 @@ def identity(model_config: ModelConfig, train_config: TrainConfig,
   """What run.json holds: every setting that changes what is trained, and the data's sha256."""
   train = dataclasses.asdict(train_config)
   del train["data_dir"]  # a folder, not the data: the fingerprint says what the data is
-  return {"model_config": model_config.to_dict(), "train_config": train, "data": fingerprint}
+  run = {"model_config": model_config.to_dict(), "train_config": train, "data": fingerprint}
+  return json.loads(json.dumps(run))  # as run.json reads back: tuples become lists
 
 
 def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:

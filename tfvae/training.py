@@ -2,6 +2,7 @@
 
 What a run leaves in `workdir`:
   last.keras, best.keras   the model after the last epoch and at the best validation loss
+                           (the training loss when there is no validation split)
   metrics.csv              per-epoch training and validation metrics (per-example nats)
   logs/                    TensorBoard event files
   backup/                  Keras BackupAndRestore state; a rerun resumes from it
@@ -75,7 +76,11 @@ def make_optimizer(config: TrainConfig) -> keras.optimizers.Optimizer:
 
 
 def model_config_for(dataset: data_lib.Dataset, **overrides) -> ModelConfig:
-  """A ModelConfig whose image_shape is the dataset's."""
+  """A ModelConfig whose image_shape is the dataset's; vectors are standardized for Gaussian
+  likelihoods unless overrides say otherwise."""
+  likelihood = overrides.get("likelihood", ModelConfig.likelihood)
+  overrides.setdefault("standardize",
+                       dataset.vectors and LIKELIHOODS[likelihood].data == "real")
   return ModelConfig(image_shape=dataset.image_shape, **overrides)
 
 
@@ -228,7 +233,7 @@ def resume_epoch(backup_dir: pathlib.Path) -> int:
 
 
 def train(model_config: ModelConfig, train_config: TrainConfig, workdir: str | os.PathLike,
-          dataset: data_lib.Dataset | None = None, runtime: Runtime | None = None,
+          dataset: data_lib.Dataset | tf.data.Dataset | None = None, runtime: Runtime | None = None,
           verbose: str | int = "auto", callbacks: list[keras.callbacks.Callback] | None = None,
           restart: bool = False) -> TrainResult:
   """Trains a VAE, checkpoints it, evaluates it on the test split and writes pictures.
@@ -241,7 +246,10 @@ def train(model_config: ModelConfig, train_config: TrainConfig, workdir: str | o
     model_config: the model; its image_shape must match the data.
     train_config: data, optimization and randomness.
     workdir: folder for checkpoints, logs, metrics and pictures (created if needed).
-    dataset: already loaded data; by default loaded from train_config.
+    dataset: already loaded data (a tfvae.data.Dataset), or a tf.data.Dataset of images,
+      (images, labels) or dicts with an "image" key (tfvae.data.from_tf_data: its first 10% is
+      the test split); by default loaded from train_config. Its validation split is settled
+      by train_config.validation_examples.
     runtime: how this machine runs the training (tfvae.runtime.Runtime); by default
       Runtime.plain(), Keras as it comes. bin/train passes Runtime(), tuned for the machine.
     verbose: Keras fit verbosity.
@@ -264,8 +272,7 @@ def train(model_config: ModelConfig, train_config: TrainConfig, workdir: str | o
   with runs.Lock(workdir):
     if restart:
       runs.restart(workdir)
-    dataset = dataset or data_lib.load(train_config.dataset, train_config.data_dir,
-                                       train_config.max_examples)
+    dataset = _dataset(dataset, train_config)
     _check_model_fits(model_config, dataset)
     run = runs.identity(model_config, train_config, runs.data_fingerprint(dataset))
     # The backup's epochs, or a finished run's (run.json), are where training starts.
@@ -285,6 +292,16 @@ def train(model_config: ModelConfig, train_config: TrainConfig, workdir: str | o
   return dataclasses.replace(result, is_chief=chief)
 
 
+def _dataset(dataset, train_config: TrainConfig) -> data_lib.Dataset:
+  """The run's data, loaded from train_config unless given, its validation split settled."""
+  if dataset is None:
+    return data_lib.load(train_config.dataset, train_config.data_dir, train_config.max_examples,
+                         train_config.validation_examples, train_config.image_size)
+  if isinstance(dataset, tf.data.Dataset):
+    dataset = data_lib.from_tf_data(dataset)
+  return data_lib.with_validation(dataset, train_config.validation_examples)
+
+
 @dataclasses.dataclass(frozen=True)
 class _Feeds:
   """What fit and the report read of the data."""
@@ -292,22 +309,31 @@ class _Feeds:
   train: tf.data.Dataset  # endless training batches, as the runtime feeds them
   steps: int  # optimizer steps an epoch
   steps_per_call: int
-  test: tf.data.Dataset  # the test batches, once
-  x_test: np.ndarray  # the fixed test images, for the report and pictures
+  validation: tf.data.Dataset | None  # the validation batches, once, for model selection
+  test: tf.data.Dataset  # the fixed test batches, once, for the report
+  test_head: np.ndarray  # the first test examples, for pictures
+  train_split: data_lib.Split  # for the standardization statistics
   name: str
   num_train: int
 
   @classmethod
   def of(cls, dataset, model_config, train_config, runtime, strategy, first_epoch) -> _Feeds:
     binary_likelihood = LIKELIHOODS[model_config.likelihood].data == "binary"
+    binarize = binary_likelihood and not dataset.binary
     train, steps_per_call = runtime.training_stream(
-        dataset.x_train, train_config.batch_size, train_config.seed,
-        dynamic_binarization=binary_likelihood and not dataset.binary, strategy=strategy,
-        first_epoch=first_epoch)
-    x_test = data_lib.eval_arrays(dataset.x_test, binary_likelihood, dataset.binary)
-    test = runtime.feed(data_lib.eval_pipeline(x_test, train_config.batch_size), strategy)
-    return cls(train, data_lib.steps_per_epoch(len(dataset.x_train), train_config.batch_size),
-               steps_per_call, test, x_test, dataset.name, len(dataset.x_train))
+        dataset.train, train_config.batch_size, train_config.seed,
+        dynamic_binarization=binarize, strategy=strategy, first_epoch=first_epoch)
+
+    def fixed(split):
+      return data_lib.eval_batches(split, train_config.batch_size, binary_likelihood,
+                                   dataset.binary)
+
+    validation = (runtime.feed(fixed(dataset.validation), strategy)
+                  if dataset.validation is not None else None)
+    return cls(train, data_lib.steps_per_epoch(dataset.train.count, train_config.batch_size),
+               steps_per_call, validation, fixed(dataset.test),
+               data_lib.eval_head(dataset.test, 32, binary_likelihood, dataset.binary),
+               dataset.train, dataset.name, dataset.train.count)
 
 
 def _fit_and_report(model_config, train_config, workdir, runtime, strategy, feeds: _Feeds,
@@ -319,14 +345,16 @@ def _fit_and_report(model_config, train_config, workdir, runtime, strategy, feed
     else:
       vae = VAE(model_config, seed=train_config.seed)
       vae.compile(optimizer=make_optimizer(train_config))
+      if model_config.standardize:  # a resumed run restores them with the weights
+        vae.adapt(feeds.train_split)
   logging.info("Training on %d %s images %s for %d epochs of %d optimizer steps, %d steps per"
                " graph call.", feeds.num_train, feeds.name, model_config.image_shape,
                train_config.epochs, feeds.steps, feeds.steps_per_call)
   with runtime.attach(vae, feeds.steps_per_call):
-    history = vae.fit(feeds.train, validation_data=feeds.test, epochs=train_config.epochs,
+    history = vae.fit(feeds.train, validation_data=feeds.validation, epochs=train_config.epochs,
                       initial_epoch=first_epoch, steps_per_epoch=feeds.steps, shuffle=False,
                       verbose=verbose, callbacks=_callbacks(workdir, callbacks))
-  test_metrics = _report(vae, feeds.x_test, feeds.name, model_config, train_config, workdir)
+  test_metrics = _report(vae, feeds, model_config, train_config, workdir)
   return TrainResult(vae=vae, history=history.history, test_metrics=test_metrics,
                      workdir=workdir)
 
@@ -345,8 +373,13 @@ def _workdir_of_this_task(workdir, strategy) -> tuple[pathlib.Path, bool]:
 def _check_model_fits(model_config: ModelConfig, dataset: data_lib.Dataset) -> None:
   if tuple(model_config.image_shape) != dataset.image_shape:
     raise ConfigError(f"model image_shape {model_config.image_shape} does not match the"
-                      f" {dataset.name} images {dataset.image_shape}; build the config with"
+                      f" {dataset.name} examples {dataset.image_shape}; build the config with"
                       f" tfvae.training.model_config_for(dataset)")
+  if dataset.vectors and not model_config.standardize and (
+      LIKELIHOODS[model_config.likelihood].data == "real"):
+    raise ConfigError(f"{dataset.name} holds real-valued vectors: a Gaussian likelihood on them"
+                      f" needs ModelConfig(standardize=True) (model_config_for sets it), or its"
+                      f" means stay in (0, 1)")
 
 
 def _resume_or_start(workdir: pathlib.Path, standing: runs.Standing) -> int:
@@ -373,17 +406,18 @@ def _callbacks(workdir: pathlib.Path, extra) -> list[keras.callbacks.Callback]:
   ]
 
 
-def _report(vae, x_test, dataset_name, model_config, train_config, workdir) -> dict[str, Any]:
-  """Test metrics into results.json, and the pictures."""
-  test_metrics = evaluation.evaluate(vae, x_test, train_config.eval_num_samples,
+def _report(vae, feeds: _Feeds, model_config, train_config, workdir) -> dict[str, Any]:
+  """Test metrics into results.json, and the pictures (of images; vectors have none)."""
+  test_metrics = evaluation.evaluate(vae, feeds.test, train_config.eval_num_samples,
                                      seed=train_config.seed, batch_size=train_config.batch_size)
-  test_metrics.update(dataset=dataset_name, split="test")
+  test_metrics.update(dataset=feeds.name, split="test")
   write_json(workdir / "results.json", {
       "test": test_metrics, "model_config": model_config.to_dict(),
       "train_config": dataclasses.asdict(train_config)})
-  plots.save_reconstructions(vae, x_test, workdir / "reconstructions.png")
-  plots.save_samples(vae, workdir / "samples.png", seed=train_config.seed)
-  if model_config.latent_size == 2:
-    plots.save_manifold(vae, workdir / "manifold.png")
+  if model_config.event_ndims == 3:
+    plots.save_reconstructions(vae, feeds.test_head, workdir / "reconstructions.png")
+    plots.save_samples(vae, workdir / "samples.png", seed=train_config.seed)
+    if model_config.latent_size == 2:
+      plots.save_manifold(vae, workdir / "manifold.png")
   return test_metrics
 

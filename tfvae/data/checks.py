@@ -9,19 +9,27 @@ class DataError(ValueError):
   """A data file or array that cannot be used; the message names it and the fix."""
 
 
+CHANNELS = (1, 3, 4)  # grey, RGB, RGBA
+
+
 def check_images(x, source: str) -> np.ndarray:
   """Validates a user's image array and returns it as [N, H, W, C] uint8 or float32.
 
   Raises:
-    DataError: empty, wrong rank, non-numeric, NaN/Inf, or floats outside [0, 1].
+    DataError: empty, wrong rank, channels first, non-numeric, NaN/Inf, or floats outside
+      [0, 1].
   """
   x = np.asarray(x)
   if x.ndim == 3:
     x = x[..., np.newaxis]
   if x.ndim != 4:
-    raise DataError(f"{source}: shape {x.shape}; expected [N, H, W] or [N, H, W, C] images")
+    raise DataError(f"{source}: shape {x.shape}; expected [N, H, W] or [N, H, W, C] images, or"
+                    f" [N, D] vectors")
   if x.shape[0] == 0 or 0 in x.shape:
     raise DataError(f"{source}: shape {x.shape} holds no images")
+  if x.shape[-1] not in CHANNELS and x.shape[1] in CHANNELS:
+    raise DataError(f"{source}: shape {x.shape} looks channels-first ([N, C, H, W]); tfvae"
+                    f" takes channels last: save x.transpose(0, 2, 3, 1)")
   if x.dtype == np.uint8:
     if x.max() == 1:
       raise DataError(f"{source}: uint8 pixels are only 0 and 1, but tfvae reads uint8 as 0..255"
@@ -45,3 +53,29 @@ def is_binary(x: np.ndarray) -> bool:
   return bool(np.all((x == 0) | (x == white)))
 
 
+
+
+def check_vectors(x, source: str) -> np.ndarray:
+  """Validates a user's real-valued vectors [N, D] and returns them as float32.
+
+  Raises:
+    DataError: empty, non-numeric, or NaN/Inf values.
+  """
+  x = np.asarray(x)
+  if x.ndim != 2 or 0 in x.shape:
+    raise DataError(f"{source}: shape {x.shape}; expected vectors [N, D] with N, D >= 1")
+  if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)
+          or x.dtype == np.bool_):
+    raise DataError(f"{source}: dtype {x.dtype}; expected numbers")
+  x = x.astype(np.float32)
+  bad = np.size(x) - np.isfinite(x).sum()
+  if bad:
+    rows = np.flatnonzero(~np.isfinite(x).all(axis=1))
+    raise DataError(f"{source}: {bad} NaN or Inf values (first in row {rows[0]}); drop or"
+                    f" impute those rows first")
+  return x
+
+
+def check_examples(x, source: str) -> np.ndarray:
+  """`check_vectors` for [N, D] arrays, else `check_images`."""
+  return check_vectors(x, source) if np.ndim(x) == 2 else check_images(x, source)

@@ -13,6 +13,8 @@ from collections.abc import Callable
 import numpy as np
 import tensorflow as tf
 
+from tfvae.data.splits import ArraySplit, Split
+
 # Binarization seed of fixed (test) sets; a constant so every run scores the same test bits.
 TEST_BINARIZATION_SEED = 1312_6114
 
@@ -58,8 +60,19 @@ def steps_per_epoch(num_examples: int, batch_size: int) -> int:
   return max(1, num_examples // batch_size)
 
 
-def train_pipeline(images: np.ndarray, batch_size: int, seed: int, dynamic_binarization: bool,
-                   first_epoch: int = 0, num_epochs: int | None = None,
+def _binarized(images: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
+  """x ~ Bernoulli(pixel), as 0 and 255 (uint8) or 0 and 1 (floats), like images."""
+  if images.dtype == tf.uint8:
+    # u ~ U[0, 255) < pixel, i.e. u / 255 < pixel / 255, without a pass to scale the pixels; a
+    # cast and a product make 0 and 255 in half the time of tf.where.
+    uniform = tf.random.stateless_uniform(tf.shape(images), seed=seed, maxval=255.0)
+    return tf.cast(uniform < tf.cast(images, tf.float32), tf.uint8) * 255
+  uniform = tf.random.stateless_uniform(tf.shape(images), seed=seed)
+  return tf.cast(uniform < tf.cast(images, tf.float32), images.dtype)
+
+
+def train_pipeline(images: np.ndarray | Split, batch_size: int, seed: int,
+                   dynamic_binarization: bool, first_epoch: int = 0, num_epochs: int | None = None,
                    epoch_transform: Callable[[tf.data.Dataset], tf.data.Dataset] | None = None,
                    parallel_calls: int = tf.data.AUTOTUNE) -> tf.data.Dataset:
   """Training batches [M, H, W, C], epoch after epoch, as the model takes them.
@@ -80,7 +93,8 @@ def train_pipeline(images: np.ndarray, batch_size: int, seed: int, dynamic_binar
   steps_per_epoch to Keras fit, and shuffle=False: the order is the pipeline's.
 
   Args:
-    images: [N, H, W, C] uint8 or float32.
+    images: [N, H, W, C] uint8 or float32 (or [N, D] float32), or a tfvae.data.splits.Split:
+      arrays are gathered from memory, files and streams read as the epoch goes.
     batch_size: M.
     seed: seeds the order and the binarization.
     dynamic_binarization: draw binary images afresh each epoch.
@@ -90,15 +104,34 @@ def train_pipeline(images: np.ndarray, batch_size: int, seed: int, dynamic_binar
       into blocks there, so that no element spans two epochs).
     parallel_calls: threads that make batches, in order.
   """
-  stored = tf.constant(images)
-  count = int(images.shape[0])
+  if isinstance(images, ArraySplit):
+    images = images.array
+  count = int(len(images))
   size = min(batch_size, count)  # the static batch size
   num_batches = steps_per_epoch(count, batch_size)
-  batch_shape = [size, *images.shape[1:]]
   base_seed = tf.constant([seed, 0x5EED], tf.int64)
+  if isinstance(images, Split):
+    load_epoch = _streamed_epoch(images, size, num_batches, dynamic_binarization,
+                                 parallel_calls)
+  else:
+    load_epoch = _array_epoch(images, size, num_batches, dynamic_binarization, parallel_calls)
 
   def epoch_batches(epoch):
-    epoch_seed = tf.random.experimental.stateless_fold_in(base_seed, epoch)
+    batches = load_epoch(tf.random.experimental.stateless_fold_in(base_seed, epoch))
+    return batches if epoch_transform is None else epoch_transform(batches)
+
+  epochs = tf.data.Dataset.range(first_epoch, num_epochs if num_epochs is not None
+                                 else np.iinfo(np.int64).max)
+  return epochs.flat_map(epoch_batches).prefetch(2).with_options(_dataset_options())
+
+
+def _array_epoch(images: np.ndarray, size, num_batches, dynamic_binarization, parallel_calls):
+  """epoch seed -> the epoch's batches, gathered from the images held in one constant."""
+  stored = tf.constant(images)
+  count = int(images.shape[0])
+  batch_shape = [size, *images.shape[1:]]
+
+  def load_epoch(epoch_seed):
     order = tf.argsort(tf.random.stateless_uniform([count], seed=epoch_seed))  # a permutation
 
     def load_batch(index):
@@ -108,23 +141,57 @@ def train_pipeline(images: np.ndarray, batch_size: int, seed: int, dynamic_binar
       images = tf.ensure_shape(tf.gather(stored, batch_indices), batch_shape)  # [M, H, W, C]
       if not dynamic_binarization:
         return images
-      noise_seed = tf.random.experimental.stateless_fold_in(epoch_seed, index + 1)
-      if images.dtype == tf.uint8:
-        # u ~ U[0, 255) < pixel, i.e. u / 255 < pixel / 255, without a pass to scale the
-        # pixels; a cast and a product make 0 and 255 in half the time of tf.where.
-        uniform = tf.random.stateless_uniform(batch_shape, seed=noise_seed, maxval=255.0)
-        return tf.cast(uniform < tf.cast(images, tf.float32), tf.uint8) * 255
-      uniform = tf.random.stateless_uniform(batch_shape, seed=noise_seed)
-      return tf.cast(uniform < tf.cast(images, tf.float32), images.dtype)
+      return _binarized(images, tf.random.experimental.stateless_fold_in(epoch_seed, index + 1))
 
     # On parallel threads: one core binarizes fewer images/s than a GPU trains on.
-    batches = tf.data.Dataset.range(num_batches).map(
+    return tf.data.Dataset.range(num_batches).map(
         load_batch, num_parallel_calls=parallel_calls, deterministic=True)
-    return batches if epoch_transform is None else epoch_transform(batches)
 
-  epochs = tf.data.Dataset.range(first_epoch, num_epochs if num_epochs is not None
-                                 else np.iinfo(np.int64).max)
-  return epochs.flat_map(epoch_batches).prefetch(2).with_options(_dataset_options())
+  return load_epoch
+
+
+def _streamed_epoch(split: Split, size, num_batches, dynamic_binarization, parallel_calls):
+  """epoch seed -> the epoch's batches, read from the split's files or stream."""
+  def load_epoch(epoch_seed):
+    batches = split.epoch(epoch_seed, size, num_batches, parallel_calls)
+    if not dynamic_binarization:
+      return batches
+    return batches.enumerate().map(
+        lambda index, images: _binarized(
+            images, tf.random.experimental.stateless_fold_in(epoch_seed, index + 1)),
+        num_parallel_calls=parallel_calls, deterministic=True)
+
+  return load_epoch
+
+
+def eval_batches(split: Split | np.ndarray, batch_size: int, bernoulli: bool,
+                 binary: bool) -> tf.data.Dataset:
+  """A split's fixed evaluation batches, as `eval_arrays` and `eval_pipeline` give them.
+
+  Streamed splits are binarized example by example, each with a seed of its index, so their
+  bits do not depend on the batch size either.
+  """
+  if not isinstance(split, Split) or isinstance(split, ArraySplit):
+    array = split.array if isinstance(split, ArraySplit) else split
+    return eval_pipeline(eval_arrays(array, bernoulli, binary), batch_size)
+  examples = split.examples()
+  if bernoulli and not binary:
+    base = tf.constant([TEST_BINARIZATION_SEED, 0], tf.int64)
+    examples = examples.enumerate().map(
+        lambda index, image: _binarized(image, tf.random.experimental.stateless_fold_in(
+            base, index)), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  return examples.batch(batch_size).prefetch(2).with_options(_dataset_options())
+
+
+def eval_head(split: Split | np.ndarray, count: int, bernoulli: bool,
+              binary: bool) -> np.ndarray:
+  """The first `count` evaluation examples of a split, as `eval_batches` gives them."""
+  if not isinstance(split, Split) or isinstance(split, ArraySplit):
+    array = split.array if isinstance(split, ArraySplit) else split
+    return eval_arrays(array[:count], bernoulli, binary)
+  for batch in eval_batches(split, count, bernoulli, binary).take(1):
+    return batch.numpy()
+  return split.head(0)
 
 
 def eval_arrays(images: np.ndarray, bernoulli: bool, binary: bool) -> np.ndarray:

@@ -1,10 +1,11 @@
 """Data sources: one record per source, their canonical files, checksums and parsers.
 
-Every source loads into a `Dataset` of uint8 (grey levels 0..255) or float32 (in [0, 1]) images
-shaped [N, H, W, C]. Files are looked up in <data_dir>/<source>/<canonical name>, data_dir being
-the argument, else $TFVAE_DATA_DIR, else the Keras cache (~/.keras/datasets). A missing file is
-downloaded from its canonical URL; a file whose sha256 differs from the canonical one is never
-parsed.
+Every source loads into a `Dataset`: splits of uint8 (grey levels 0..255) or float32 (in
+[0, 1]) images shaped [N, H, W, C], or float32 vectors [N, D]. The canonical sets' files are
+looked up in <data_dir>/<source>/<canonical name>, data_dir being the argument, else
+$TFVAE_DATA_DIR, else the Keras cache (~/.keras/datasets). A missing file is downloaded from its
+canonical URL; a file whose sha256 differs from the canonical one is never parsed. A user's own
+data (npz:, csv:, folder:) is read where the path says; tfds: from TFDS's data folder.
 
 Adding a source is one `Source` record in SOURCES (plus its loader here and its tests).
 """
@@ -23,7 +24,8 @@ from collections.abc import Callable
 
 import numpy as np
 
-from tfvae.data.checks import DataError, check_images, is_binary
+from tfvae.data import splits
+from tfvae.data.checks import DataError, check_examples, is_binary
 
 _MNIST_URL = "https://storage.googleapis.com/cvdf-datasets/mnist/"
 _BINARIZED_MNIST_URL = "http://www.cs.toronto.edu/~larocheh/public/datasets/binarized_mnist/"
@@ -36,23 +38,101 @@ _FREY_FACE_TEST_FRACTION = 0.1
 
 @dataclasses.dataclass(frozen=True)
 class Dataset:
-  """A train/test pair of images, [N, H, W, C], uint8 0..255 or float32 in [0, 1].
+  """A dataset's splits: images [N, H, W, C] (uint8 0..255 or float32 in [0, 1]) or vectors
+  [N, D] (float32, any real values).
+
+  Arrays given for train, test or validation are wrapped in tfvae.data.splits.ArraySplit;
+  folders and TFDS give splits streamed from disk.
 
   Attributes:
     name: the dataset's name ("mnist", ..., "npz:PATH").
-    x_train, x_test: the images.
-    binary: True when every pixel is already 0 or 1 (no binarization needed).
+    train, test: the splits (Split objects, or numpy arrays).
+    binary: True when every value is already 0 or 1 (no binarization needed).
+    validation: examples held out from training for model selection; None when no validation
+      split is settled yet (see `with_validation`).
+    validation_settled: `with_validation` has run (validation may still be None: none wanted).
+    default_validation: how many training examples `with_validation` holds out by default;
+      None means 10%, at most 10,000.
   """
 
   name: str
-  x_train: np.ndarray
-  x_test: np.ndarray
+  train: splits.Split
+  test: splits.Split
   binary: bool
+  validation: splits.Split | None = None
+  validation_settled: bool = False
+  default_validation: int | None = None
+
+  def __post_init__(self):
+    for field in ("train", "test", "validation"):
+      value = getattr(self, field)
+      if value is not None:
+        object.__setattr__(self, field, splits.as_split(value))
 
   @property
-  def image_shape(self) -> tuple[int, int, int]:
-    return tuple(self.x_train.shape[1:])
+  def image_shape(self) -> tuple[int, ...]:
+    """(H, W, C) of an image, or (D,) of a vector."""
+    return tuple(self.train.shape)
 
+  @property
+  def vectors(self) -> bool:
+    return len(self.image_shape) == 1
+
+  @property
+  def x_train(self) -> np.ndarray:
+    return splits.require_array(self.train, f"{self.name}'s training split")
+
+  @property
+  def x_test(self) -> np.ndarray:
+    return splits.require_array(self.test, f"{self.name}'s test split")
+
+  @property
+  def x_valid(self) -> np.ndarray | None:
+    if self.validation is None:
+      return None
+    return splits.require_array(self.validation, f"{self.name}'s validation split")
+
+
+DEFAULT_VALIDATION_FRACTION, MAX_DEFAULT_VALIDATION = 0.1, 10_000
+
+
+def with_validation(dataset: Dataset, validation_examples: int | None = None) -> Dataset:
+  """The dataset with its validation split settled: examples held out from training.
+
+  A source's own validation split (binarized MNIST's, a folder's valid/, a TFDS validation
+  split, an npz's x_valid) is used, cut to validation_examples; otherwise validation_examples
+  training examples are held out, the same ones for every run (tfvae.data.splits.HOLDOUT_SEED).
+
+  Args:
+    dataset: the data.
+    validation_examples: how many; None means the source's default (its own split, else
+      dataset.default_validation, else 10% of the training examples, at most 10,000); 0
+      means none.
+
+  Raises:
+    DataError: so many that no training examples would be left.
+  """
+  if dataset.validation_settled:
+    return dataset
+  validation, train = dataset.validation, dataset.train
+  if validation_examples == 0:
+    validation = None
+  elif validation is not None:
+    if validation_examples is not None and validation_examples < validation.count:
+      validation = validation.take(validation_examples)
+  else:
+    count = validation_examples
+    if count is None:
+      count = dataset.default_validation
+    if count is None:
+      count = min(MAX_DEFAULT_VALIDATION, int(round(train.count * DEFAULT_VALIDATION_FRACTION)))
+    if count >= train.count:
+      raise DataError(f"{dataset.name}: validation_examples={count} would leave none of its"
+                      f" {train.count} training examples; pass a smaller --validation_examples"
+                      f" (0 for none)")
+    train, validation = train.holdout(count) if count else (train, None)
+  return dataclasses.replace(dataset, train=train, validation=validation,
+                             validation_settled=True)
 
 
 # ---- locating and verifying files -----------------------------------------------------------
@@ -175,33 +255,35 @@ def parse_frey_face(raw: bytes, source: str = "<bytes>", check_sha256: bool = Tr
   return ff.T.reshape(-1, 28, 20, 1)
 
 
-# ---- loaders: (data_dir, argument) -> (x_train, x_test, binary) ------------------------------
+# ---- loaders: (data_dir, argument, image_size) -> Dataset ------------------------------------
 
-def _train_and_test(dataset, parse, train_file, test_file, data_dir):
-  """(train, test) images parsed from two verified canonical files of `dataset`."""
-  return tuple(parse(path.read_bytes(), str(path)) for path in (
-      fetch(dataset, train_file, data_dir), fetch(dataset, test_file, data_dir)))
-
-
-def _load_mnist(data_dir, argument):
-  del argument
-  return (*_train_and_test("mnist", parse_idx_images, "train-images-idx3-ubyte.gz",
-                           "t10k-images-idx3-ubyte.gz", data_dir), False)
+def _parsed(dataset, parse, filename, data_dir):
+  path = fetch(dataset, filename, data_dir)
+  return parse(path.read_bytes(), str(path))
 
 
-def _load_binarized_mnist(data_dir, argument):
-  del argument
-  return (*_train_and_test("binarized_mnist", parse_amat, "binarized_mnist_train.amat",
-                           "binarized_mnist_test.amat", data_dir), True)
+def _load_mnist(data_dir, argument, image_size):
+  del argument, image_size
+  return Dataset("mnist", _parsed("mnist", parse_idx_images, "train-images-idx3-ubyte.gz",
+                                  data_dir),
+                 _parsed("mnist", parse_idx_images, "t10k-images-idx3-ubyte.gz", data_dir),
+                 binary=False, default_validation=10_000)
 
 
-def _load_frey_face(data_dir, argument):
-  del argument
-  path = fetch("frey_face", "frey_rawface.mat", data_dir)
-  images = parse_frey_face(path.read_bytes(), str(path))  # [1965, 28, 20, 1]
+def _load_binarized_mnist(data_dir, argument, image_size):
+  del argument, image_size
+  files = ("train", "test", "valid")
+  train, test, valid = (_parsed("binarized_mnist", parse_amat,
+                                f"binarized_mnist_{split}.amat", data_dir) for split in files)
+  return Dataset("binarized_mnist", train, test, binary=True, validation=valid)
+
+
+def _load_frey_face(data_dir, argument, image_size):
+  del argument, image_size
+  images = _parsed("frey_face", parse_frey_face, "frey_rawface.mat", data_dir)  # [1965, 28, 20, 1]
   order = np.random.default_rng(0).permutation(len(images))
   num_test = int(round(len(images) * _FREY_FACE_TEST_FRACTION))
-  return images[order[num_test:]], images[order[:num_test]], False
+  return Dataset("frey_face", images[order[num_test:]], images[order[:num_test]], binary=False)
 
 
 def memory_budget() -> int:
@@ -264,24 +346,62 @@ def check_npz_members(path: str, names=("x_train", "x_test"), budget: int | None
                         f" subset saved as its own npz")
 
 
-def _load_npz(data_dir, path: str):
+def _load_npz(data_dir, path: str, image_size):
   del data_dir  # a user's own file
+  if image_size is not None:
+    raise DataError(f"--image_size applies to folder: and tfds: images; resize the arrays of"
+                    f" {path} before saving them")
   if not pathlib.Path(path).is_file():
     raise DataError(f"{path}: no such file; pass --dataset=npz:PATH with the path of an .npz"
                     f" holding x_train and x_test")
   check_npz_members(path)
   try:
     with np.load(path, allow_pickle=False) as contents:
-      train = check_images(contents["x_train"], f"{path}:x_train")
-      test = check_images(contents["x_test"], f"{path}:x_test")
+      valid_name = next((name for name in _NPZ_VALIDATION_NAMES if name in contents.files), None)
+      if valid_name:
+        check_npz_members(path, (valid_name,))
+      arrays = {name: check_examples(contents[name], f"{path}:{name}")
+                for name in ("x_train", "x_test", valid_name) if name}
   except (OSError, ValueError, EOFError, zlib.error) as e:
     if isinstance(e, DataError):
       raise
     raise DataError(f"{path}: not a readable .npz file ({type(e).__name__}: {e})") from e
-  if train.shape[1:] != test.shape[1:]:
-    raise DataError(f"{path}: x_train images are {train.shape[1:]} but x_test images are"
-                    f" {test.shape[1:]}; they must match")
-  return train, test, is_binary(train) and is_binary(test)
+  shape = arrays["x_train"].shape[1:]
+  for name, array in arrays.items():
+    if array.shape[1:] != shape:
+      raise DataError(f"{path}: x_train examples are {shape} but {name}'s are"
+                      f" {array.shape[1:]}; they must match")
+  return Dataset(f"npz:{path}", arrays["x_train"], arrays["x_test"],
+                 binary=all(is_binary(a) for a in arrays.values()),
+                 validation=arrays.get(valid_name))
+
+
+_NPZ_VALIDATION_NAMES = ("x_valid", "x_val", "x_validation")
+
+
+def _load_csv(data_dir, path: str, image_size):
+  from tfvae.data import tabular  # here: only csv needs it
+  del data_dir
+  if image_size is not None:
+    raise DataError("--image_size applies to folder: and tfds: images, not to csv: vectors")
+  vectors = tabular.read_csv(path, budget=memory_budget())
+  test_count = int(round(len(vectors) * tabular.CSV_TEST_FRACTION))
+  if test_count < 1 or test_count >= len(vectors):
+    raise DataError(f"{path}: {len(vectors)} rows are too few to hold out"
+                    f" {tabular.CSV_TEST_FRACTION:.0%} as the test split; use at least 10")
+  train, test = splits.ArraySplit(vectors).holdout(test_count)
+  return Dataset(f"csv:{path}", train, test, binary=is_binary(vectors))
+
+
+def _load_folder(data_dir, path: str, image_size):
+  from tfvae.data import folders  # here: only folders need it
+  del data_dir
+  return folders.load(path, image_size)
+
+
+def _load_tfds(data_dir, argument: str, image_size):
+  from tfvae.data import tfds_source  # here: tensorflow_datasets is optional
+  return tfds_source.load(argument, data_dir, image_size)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -290,7 +410,8 @@ class Source:
 
   Attributes:
     name: the --dataset value, or its prefix before ":" for sources that take an argument.
-    load: (data_dir, argument) -> (x_train, x_test, binary); argument is what follows "name:".
+    load: (data_dir, argument, image_size) -> Dataset; argument is what follows "name:",
+      image_size (H, W) or None.
     files: canonical file name -> sha256 (None where the decoded contents are checked).
     url: where missing files are downloaded from.
     argument: what follows "name:" (e.g. "PATH"), for sources that take one.
@@ -298,7 +419,7 @@ class Source:
   """
 
   name: str
-  load: Callable[[str | None, str | None], tuple[np.ndarray, np.ndarray, bool]]
+  load: Callable[[str | None, str | None, tuple[int, int] | None], Dataset]
   files: dict[str, str | None] = dataclasses.field(default_factory=dict)
   url: str | None = None
   argument: str | None = None
@@ -326,7 +447,16 @@ SOURCES = {record.name: record for record in (
     Source("frey_face", _load_frey_face, url=_FREY_FACE_URL, files={"frey_rawface.mat": None},
            summary="1965 faces of 28x20, a fixed 90/10 split"),
     Source("npz", _load_npz, argument="PATH",
-           summary="your arrays x_train and x_test, uint8 0..255 or float in [0, 1]"),
+           summary="your arrays x_train, x_test (and x_valid): images, uint8 0..255 or float"
+                   " in [0, 1], or real vectors [N, D]"),
+    Source("csv", _load_csv, argument="PATH",
+           summary="numeric columns (header optional), one vector per row; 10% held out as"
+                   " test"),
+    Source("folder", _load_folder, argument="PATH",
+           summary="image files (PNG, JPEG, BMP, GIF) below PATH; train/ and test/ if there,"
+                   " else 10% held out as test"),
+    Source("tfds", _load_tfds, argument="NAME[:CONFIG]",
+           summary="a TensorFlow Datasets dataset already prepared under --data_dir"),
 )}
 
 
@@ -346,26 +476,56 @@ def parse(name: str) -> tuple[Source, str | None]:
   if source is None:
     raise DataError(f"unknown dataset {name!r}; use one of {', '.join(names())}")
   if source.argument and not argument:
-    raise DataError(f"dataset={name!r} needs a {source.argument}, e.g."
-                    f" {source.name}:/data/faces.npz")
+    raise DataError(f"dataset={name!r} needs a {source.argument}: --dataset={source.name}:"
+                    f"{source.argument}")
   if not source.argument and colon:
     raise DataError(f"dataset={name!r}: {source.name} takes no argument; use {source.name}")
   return source, argument or None
 
 
-def load(name: str, data_dir=None, max_examples: int | None = None) -> Dataset:
-  """Loads a dataset by its --dataset name: mnist, binarized_mnist, frey_face or npz:PATH.
+def load(name: str, data_dir=None, max_examples: int | None = None,
+         validation_examples: int | None = None,
+         image_size: tuple[int, int] | None = None) -> Dataset:
+  """Loads a dataset by its --dataset name, with its validation split settled.
 
   Args:
-    name: the dataset.
+    name: the dataset: a name in SOURCES, or "source:ARGUMENT" (npz:PATH, csv:PATH,
+      folder:PATH, tfds:NAME[:CONFIG]).
     data_dir: see `resolve_data_dir`.
-    max_examples: keep only the first max_examples training images.
+    max_examples: keep only the first max_examples training examples (after the validation
+      examples are held out).
+    validation_examples: see `with_validation`.
+    image_size: (H, W) to resize folder and TFDS images to.
 
   Raises:
     DataError: an unknown name, a missing, corrupt or non-canonical file, or bad arrays.
   """
   source, argument = parse(name)
-  train, test, binary = source.load(data_dir, argument)
+  dataset = source.load(data_dir, argument, tuple(image_size) if image_size else None)
+  dataset = with_validation(dataset, validation_examples)
   if max_examples is not None:
-    train = train[:max_examples]
-  return Dataset(name=name, x_train=train, x_test=test, binary=binary)
+    dataset = dataclasses.replace(dataset, train=dataset.train.take(max_examples))
+  return dataset
+
+
+def default_model_name(name: str) -> str:
+  """The model name a --dataset value gives by default, e.g. "mnist_vae", "faces_1a2b3c_vae".
+
+  A file or folder's own name, with a digest of its absolute path so two different files of
+  the same name never share a workdir or an export folder; a TFDS dataset's name and config.
+  """
+  source, argument = parse(name)
+  if argument is None:
+    return f"{source.name}_vae"
+  if source.name == "tfds":
+    stem = argument.replace(":", "_").replace("/", "_")
+    return f"{_safe(stem)}_vae"
+  path = pathlib.Path(argument).expanduser().resolve()
+  stem = path.stem if path.suffix in (".npz", ".csv") else path.name
+  digest = hashlib.sha256(str(path).encode()).hexdigest()[:6]
+  return f"{_safe(stem)}_{digest}_vae"
+
+
+def _safe(text: str) -> str:
+  """text with anything but letters, digits, '.', '-' and '_' replaced by '_'."""
+  return "".join(c if c.isalnum() or c in "._-" else "_" for c in text) or "data"

@@ -1,0 +1,95 @@
+"""A user's tf.data.Dataset as a tfvae Dataset, for training.train(..., dataset=...)."""
+
+from __future__ import annotations
+
+import tensorflow as tf
+from absl import logging
+
+from tfvae.data.checks import DataError
+from tfvae.data.splits import StreamSplit
+
+STREAM_TEST_FRACTION = 0.1
+
+
+def _examples(element):
+  """An element's images: itself, the first of (images, labels, ...), or a dict's "image"."""
+  if isinstance(element, dict):
+    if "image" not in element:
+      raise DataError(f"a dataset of dicts needs an 'image' key (got {sorted(element)}); map it"
+                      f" to images first, e.g. dataset.map(lambda d: d['pixels'])")
+    return element["image"]
+  if isinstance(element, (tuple, list)):
+    return element[0]
+  return element
+
+
+def _single_examples(dataset: tf.data.Dataset) -> tf.data.Dataset:
+  """Single examples [H, W, C] or [D]: a batched dataset (first dimension None) is unbatched,
+  and grey images [H, W] get their channel axis."""
+  dataset = dataset.map(_examples)
+  spec = dataset.element_spec
+  if not isinstance(spec, tf.TensorSpec):
+    raise DataError(f"dataset elements are {spec}; tfvae takes images, (images, labels) or"
+                    f" dicts with an 'image' key")
+  if spec.shape.rank and spec.shape[0] is None:
+    dataset = dataset.unbatch()
+    spec = dataset.element_spec
+  if spec.shape.rank == 2:
+    dataset = dataset.map(lambda image: image[..., tf.newaxis])
+    spec = dataset.element_spec
+  if spec.shape.rank not in (1, 3) or not spec.shape.is_fully_defined():
+    raise DataError(f"dataset examples are shaped {spec.shape}; tfvae takes images [H, W, C]"
+                    f" or vectors [D] of one size (map them to it first)")
+  if spec.dtype != tf.uint8:
+    dataset = dataset.map(lambda x: tf.cast(x, tf.float32))
+  return dataset
+
+
+def _count(dataset: tf.data.Dataset) -> int:
+  count = int(dataset.cardinality())
+  if count == tf.data.INFINITE_CARDINALITY:
+    raise DataError("the dataset repeats forever; pass one pass over the data (no .repeat())")
+  if count < 0:
+    logging.info("Counting the dataset's examples: it does not say how many it holds.")
+    count = int(dataset.reduce(tf.constant(0, tf.int64), lambda n, _: n + 1))
+  if count == 0:
+    raise DataError("the dataset holds no examples")
+  return count
+
+
+def from_tf_data(train: tf.data.Dataset, test: tf.data.Dataset | None = None,
+                 name: str = "tf.data", binary: bool = False):
+  """A tfvae Dataset streaming a user's tf.data.Dataset.
+
+  Elements may be images [H, W, C] or [H, W] (uint8 0..255 or floats in [0, 1]), vectors [D],
+  (images, labels) pairs or dicts with an "image" key, single or in batches; labels are
+  ignored. The dataset must give its examples in the same order each pass (no
+  reshuffle_each_iteration): tfvae shuffles each epoch itself, with the run's seed.
+
+  Args:
+    train: the training examples, one pass.
+    test: the test examples; None holds out the first STREAM_TEST_FRACTION of train.
+    name: the dataset's name in logs and results.
+    binary: every value is 0 or 1 already (no binarization for the Bernoulli likelihood).
+
+  Raises:
+    DataError: elements that are not images or vectors of one shape, or an endless dataset.
+  """
+  from tfvae.data.sources import Dataset  # here: sources imports this module's package
+
+  examples = _single_examples(train)
+  split = StreamSplit(examples, _count(examples))
+  if test is None:
+    test_count = max(1, int(round(split.count * STREAM_TEST_FRACTION)))
+    if test_count >= split.count:
+      raise DataError(f"{name}: {split.count} examples are too few to hold out a test split;"
+                      f" pass test=")
+    test_split = StreamSplit(examples.take(test_count), test_count)
+    split = StreamSplit(examples.skip(test_count), split.count - test_count)
+  else:
+    test_examples = _single_examples(test)
+    test_split = StreamSplit(test_examples, _count(test_examples))
+    if test_split.shape != split.shape:
+      raise DataError(f"{name}: training examples are {split.shape} but test examples are"
+                      f" {test_split.shape}; they must match")
+  return Dataset(name, split, test_split, binary=binary)
