@@ -31,7 +31,7 @@ setup(
         "tensorflow-serving-api>=2.21,<2.22",  # warm-up requests written with the exports
     ],
     extras_require={
-        "test": ["pytest", "ruff", "hypothesis"],
+        "test": ["pytest", "ruff", "hypothesis", "tensorflow-datasets"],
     },
     license="Apache-2.0",
     classifiers=[

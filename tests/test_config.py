@@ -26,7 +26,8 @@ def test_dict_round_trip_is_equal():
     ({"objective": "iwae", "num_samples": 5, "beta": 0.5}, "no KL weight"),
     ({"beta": -1.0}, "beta=-1.0"),
     ({"hidden_sizes": ()}, "at least one positive width"),
-    ({"architecture": "conv", "image_shape": (30, 30, 1)}, "multiples of 4"),
+    ({"architecture": "conv", "image_shape": (30,)}, "takes images, not vectors"),
+    ({"standardize": True}, "standardized features need a likelihood of real values"),
 ])
 def test_impossible_model_configs_fail_with_one_line(kwargs, phrase):
   with pytest.raises(ConfigError, match=phrase) as error:

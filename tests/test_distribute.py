@@ -220,7 +220,8 @@ def test_a_strategy_with_one_replica_trains_as_without_one(strategy, tmp_path, t
   config = training.model_config_for(dataset, latent_size=2, hidden_sizes=(16,))
   results, calls = {}, {}
   for name in ("default", strategy):
-    train_config = tfvae.TrainConfig(epochs=2, batch_size=32, eval_num_samples=0)
+    train_config = tfvae.TrainConfig(epochs=2, batch_size=32, eval_num_samples=0,
+                                     validation_examples=0)
     calls[name] = _Calls()
     results[name] = training.train(config, train_config, tmp_path / name, dataset=dataset,
                                    verbose=0, runtime=tfvae.Runtime(strategy=name),

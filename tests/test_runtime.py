@@ -190,7 +190,8 @@ def test_mixed_float16_as_on_a_gpu_scales_the_loss_through_the_optimizer(tmp_pat
   monkeypatch.setattr(runtime, "mixed_precision_policy", lambda: "mixed_float16")
   dataset = toy_dataset(3, 320, 32)
   config = training.model_config_for(dataset, latent_size=2, hidden_sizes=(16,))
-  train_config = tfvae.TrainConfig(epochs=3, batch_size=32, eval_num_samples=0)
+  train_config = tfvae.TrainConfig(epochs=3, batch_size=32, eval_num_samples=0,
+                                   validation_examples=0)
   half = training.train(config, train_config, tmp_path / "half", dataset=dataset, verbose=0,
                         runtime=tfvae.Runtime(mixed_precision=True))
   full = training.train(config, train_config, tmp_path / "full", dataset=dataset, verbose=0,

@@ -37,8 +37,8 @@ HELP_GROUPS = {
 
 def define_data_flags() -> None:
   flags.DEFINE_string("dataset", "mnist", "; ".join(
-      f"{name} ({source.summary})" for name, source in zip(sources.names(),
-                                                             sources.SOURCES.values())) + ".")
+      f"{name} ({source.summary})" for name, source in zip(
+          sources.names(), sources.SOURCES.values(), strict=True)) + ".")
   flags.DEFINE_string("data_dir", None, "Folder holding <dataset>/<canonical file>; default"
                       " $TFVAE_DATA_DIR, else ~/.keras/datasets (tfds: $TFDS_DATA_DIR, else"
                       " ~/tensorflow_datasets).")

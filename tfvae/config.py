@@ -117,10 +117,6 @@ class ModelConfig:
       require(len(self.image_shape) == 3,
               f"architecture=conv takes images, not vectors {self.image_shape}; use"
               f" --architecture=mlp")
-      height, width, _ = self.image_shape
-      require(height % 4 == 0 and width % 4 == 0,
-               f"architecture=conv halves the image twice, so height and width must be multiples"
-               f" of 4, not {height}x{width}; use --architecture=mlp")
 
   def to_dict(self) -> dict[str, Any]:
     """Returns a JSON-friendly dict that `from_dict` turns back into an equal config."""

@@ -25,7 +25,7 @@ def build_encoder_network(config: ModelConfig) -> keras.Sequential:
 
   mlp: Flatten, then Dense(h) for h in hidden_sizes (Kingma & Welling, appendix C.2).
   conv: two stride-2 3x3 convolutions with hidden_sizes[0] and hidden_sizes[-1] channels
-    (H, W -> H/4, W/4), then Flatten.
+    (H, W -> ceil(H/4), ceil(W/4)), then Flatten.
   """
   layers: list[keras.layers.Layer] = [keras.Input(shape=config.image_shape, name="x")]
   if config.architecture == "mlp":
@@ -59,12 +59,19 @@ def build_decoder_network(config: ModelConfig) -> keras.Sequential:
   else:
     height, width, out_channels = output_shape
     first, last = config.hidden_sizes[0], config.hidden_sizes[-1]
-    layers += [keras.layers.Dense(math.prod((height // 4, width // 4, last)),
+    # Two doublings from ceil(H/4) x ceil(W/4), then a crop: any H and W, as the encoder takes.
+    small = (-(-height // 4), -(-width // 4))
+    layers += [keras.layers.Dense(math.prod((*small, last)),
                                   activation=config.activation, name="decoder_dense"),
-               keras.layers.Reshape((height // 4, width // 4, last))]
+               keras.layers.Reshape((*small, last))]
     for i, filters in enumerate((last, first)):
       layers.append(keras.layers.Conv2DTranspose(filters, 3, strides=2, padding="same",
                                                  activation=config.activation,
                                                  name=f"decoder_deconv_{i}"))
+    extra_rows, extra_columns = 4 * small[0] - height, 4 * small[1] - width
+    if extra_rows or extra_columns:
+      layers.append(keras.layers.Cropping2D(
+          ((extra_rows // 2, extra_rows - extra_rows // 2),
+           (extra_columns // 2, extra_columns - extra_columns // 2)), name="crop"))
     layers.append(keras.layers.Conv2D(out_channels, 3, padding="same", name="likelihood_params"))
   return keras.Sequential(layers, name="decoder_network")

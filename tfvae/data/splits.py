@@ -160,7 +160,9 @@ class FileSplit(Split):
 class StreamSplit(Split):
   """Examples from a tf.data.Dataset of single examples in a fixed order (TFDS, a user's).
 
-  Training epochs shuffle it through a buffer of `shuffle_buffer` examples, seeded per epoch.
+  Training epochs shuffle it within consecutive windows of `shuffle_buffer` examples, each
+  window permuted by a seed of the epoch and its index, so a resumed run reads what an
+  uninterrupted one would. (TFDS writes its examples shuffled already.)
   """
 
   def __init__(self, dataset: tf.data.Dataset, count: int, shuffle_buffer: int = 10_000):
@@ -173,9 +175,14 @@ class StreamSplit(Split):
 
   def epoch(self, seed, batch_size, num_batches, parallel_calls):
     del parallel_calls  # the stream's own
-    shuffle_seed = tf.cast(seed[0], tf.int64) * 2**31 + tf.cast(seed[1], tf.int64)
-    shuffled = self.dataset.shuffle(min(self.shuffle_buffer, self.count), seed=shuffle_seed,
-                                    reshuffle_each_iteration=False)
+
+    def permuted(index, window):  # window [W, *shape]
+      keys = tf.random.stateless_uniform(
+          tf.shape(window)[:1], seed=tf.random.experimental.stateless_fold_in(seed, index))
+      return tf.data.Dataset.from_tensor_slices(tf.gather(window, tf.argsort(keys)))
+
+    windows = self.dataset.batch(min(self.shuffle_buffer, self.count)).enumerate()
+    shuffled = windows.flat_map(permuted)
     return shuffled.batch(batch_size, drop_remainder=True).take(num_batches)
 
   def holdout(self, count):

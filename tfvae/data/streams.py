@@ -11,8 +11,9 @@ from tfvae.data.splits import StreamSplit
 STREAM_TEST_FRACTION = 0.1
 
 
-def _examples(element):
+def _examples(*element):
   """An element's images: itself, the first of (images, labels, ...), or a dict's "image"."""
+  element = element[0] if len(element) == 1 else element
   if isinstance(element, dict):
     if "image" not in element:
       raise DataError(f"a dataset of dicts needs an 'image' key (got {sorted(element)}); map it"
