@@ -4,6 +4,7 @@ import csv
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -201,3 +202,63 @@ def test_reproduce_writes_the_curves_and_pictures(data_dir, tmp_path):
   for name in ("mnist_bound.png", "frey_face_bound.png", "mnist_manifold.png",
                "frey_face_manifold.png", "mnist_samples_z2.png"):
     assert (out / name).read_bytes()[:4] == b"\x89PNG", name
+
+
+def _copy_cifar(data_dir, target, per_class_train, per_class_test):
+  """A few real CIFAR-10 JPEGs, in the shared copy's layout (train/ and test/, class folders)."""
+  source = pathlib.Path(data_dir) / "cifar10-jpeg"
+  if not source.is_dir():
+    pytest.skip(f"{source} is not here")
+  for split, count in (("train", per_class_train), ("test", per_class_test)):
+    for folder in sorted((source / split).iterdir()):
+      (target / split / folder.name).mkdir(parents=True)
+      for path in sorted(folder.iterdir())[:count]:
+        shutil.copy(path, target / split / folder.name / path.name)
+
+
+@pytest.mark.slow
+def test_train_a_colour_folder_with_the_conv_net_at_an_odd_size(data_dir, tmp_path):
+  _copy_cifar(data_dir, tmp_path / "cifar small", 40, 6)
+  result = _run("train", f"--dataset=folder:{tmp_path / 'cifar small'}", "--image_size=30x30",
+                "--architecture=conv", "--hidden_sizes=16,32", "--likelihood=gaussian",
+                "--latent_size=8", "--epochs=2", "--batch_size=50",
+                f"--export_dir={tmp_path / 'models'}", cwd=tmp_path)
+  assert result.returncode == 0, result.stderr[-3000:]
+  names = [p.name for p in (tmp_path / "models").iterdir()]
+  assert len(names) == 1 and names[0].startswith("cifar_small_") and names[0].endswith("_vae")
+  assert (tmp_path / "runs" / names[0] / "reconstructions.png").is_file()
+  import tensorflow as tf
+  served = tf.saved_model.load(str(tmp_path / "models" / names[0] / "1")).signatures
+  x = tf.random.stateless_uniform([2, 30, 30, 3], seed=[0, 1])
+  assert served["reconstruct"](x=x)["reconstruction"].shape == (2, 30, 30, 3)
+  scored = _run("evaluate", f"--model={tmp_path / 'models' / names[0] / '1'}",
+                f"--dataset=folder:{tmp_path / 'cifar small'}", "--image_size=30x30",
+                "--num_samples=5")
+  assert scored.returncode == 0, scored.stderr[-3000:]
+  assert json.loads(scored.stdout)["num_examples"] == 60
+
+
+def test_train_vectors_from_an_npz_and_serve_raw_rows(tmp_path):
+  rng = np.random.default_rng(0)
+  rows = (500.0 + 20.0 * rng.normal(size=(400, 5))).astype(np.float32)
+  np.savez(tmp_path / "rows.npz", x_train=rows[:350], x_test=rows[350:])
+  result = _run("train", f"--dataset=npz:{tmp_path / 'rows.npz'}", "--likelihood=gaussian",
+                "--hidden_sizes=16", "--latent_size=2", "--epochs=2", "--batch_size=50",
+                f"--export_dir={tmp_path / 'models'}", f"--workdir={tmp_path / 'run'}")
+  assert result.returncode == 0, result.stderr[-3000:]
+  version = next((tmp_path / "models").glob("rows_*_vae/1"))
+  import tensorflow as tf
+  served = tf.saved_model.load(str(version)).signatures
+  elbo = served["serving_default"](x=tf.constant(rows[:4]))["elbo"].numpy()
+  assert elbo.shape == (4,) and np.all(np.isfinite(elbo))
+  # Raw units: log p of rows 20 wide is about -5 * log(20 sqrt(2 pi e)), far below 0.
+  assert np.all(elbo < -10)
+
+
+def test_channels_first_npz_fails_before_training(tmp_path):
+  np.savez(tmp_path / "chw.npz", x_train=np.zeros((20, 3, 8, 8), np.uint8) + 7,
+           x_test=np.zeros((5, 3, 8, 8), np.uint8) + 7)
+  result = _run("train", f"--dataset=npz:{tmp_path / 'chw.npz'}", f"--workdir={tmp_path / 'r'}")
+  assert result.returncode != 0
+  lines = result.stderr.strip().splitlines()
+  assert "transpose(0, 2, 3, 1)" in lines[-1] and not (tmp_path / "r").exists()
