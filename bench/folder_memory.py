@@ -3,10 +3,11 @@
   python bench/folder_memory.py ../shared/data/cifar10-jpeg 10000 50000 [--rounds=2]
 
 Builds folders of symbolic links to the first N training JPEGs of each count (spread over the
-class folders) beside the same 1,000 test JPEGs, and trains each for one epoch (MLP 3072-500-20,
-Gaussian likelihood, M = 100, tfvae.Runtime()) in its own process, the counts taking turns for
---rounds rounds. Prints each run's peak RSS (the child's ru_maxrss), seconds and examples/s,
-then the medians per count.
+class folders) beside the same 1,000 test JPEGs, and trains each (MLP 3072-500-20, Gaussian
+likelihood, M = 100, tfvae.Runtime(), 10% held out for validation) in its own process for the
+same number of optimizer steps: max(counts) / N epochs, since memory also grows over a run's
+first graph calls. The counts take turns for --rounds rounds. Prints each run's peak RSS (the
+child's ru_maxrss), seconds and examples/s, then the medians per count.
 """
 
 import argparse
@@ -34,18 +35,19 @@ def _link_folder(source: pathlib.Path, target: pathlib.Path, count: int, test: i
       link.symlink_to(path.resolve())
 
 
-def _child(folder: str, workdir: str) -> None:
+def _child(folder: str, workdir: str, epochs: str) -> None:
   sys.path.insert(0, str(ROOT))
   import tfvae
   from tfvae import training
   start = time.perf_counter()
   dataset = tfvae.data.load(f"folder:{folder}")
   config = training.model_config_for(dataset, likelihood="gaussian")
-  training.train(config, tfvae.TrainConfig(epochs=1, batch_size=100), workdir,
+  training.train(config, tfvae.TrainConfig(epochs=int(epochs), batch_size=100), workdir,
                  dataset=dataset, runtime=tfvae.Runtime(), verbose=0)
   seconds = time.perf_counter() - start
-  print(json.dumps({"train_examples": dataset.train.count, "seconds": seconds,
-                    "examples_per_s": dataset.train.count / seconds,
+  seen = dataset.train.count * int(epochs)
+  print(json.dumps({"train_examples": dataset.train.count, "epochs": int(epochs),
+                    "seconds": seconds, "examples_per_s": seen / seconds,
                     "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
 
@@ -54,7 +56,7 @@ def main() -> None:
   parser.add_argument("source")
   parser.add_argument("counts", type=int, nargs="+")
   parser.add_argument("--rounds", type=int, default=2)
-  parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+  parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.child:
     _child(*args.child)
@@ -70,7 +72,7 @@ def main() -> None:
         workdir = pathlib.Path(scratch, f"run_{count}_{round_}")
         output = subprocess.run(
             [sys.executable, __file__, args.source, "0", "--child", str(folders[count]),
-             str(workdir)], check=True, capture_output=True, text=True,
+             str(workdir), str(max(args.counts) // count)], check=True, capture_output=True, text=True,
             env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}).stdout
         row = json.loads(output.strip().splitlines()[-1])
         results[count].append(row)

@@ -118,6 +118,19 @@ class FileSplit(Split):
     self.paths = tuple(str(p) for p in paths)
     self.count, self.shape, self.dtype = len(self.paths), tuple(shape), np.dtype(np.uint8)
     self.resize, self.root = resize, pathlib.Path(root)
+    self._table = None
+
+  def _path_table(self) -> tf.lookup.StaticHashTable:
+    """index -> path, made on first use (after the runtime has set TensorFlow's threads).
+
+    A table, not a constant: a constant of every path would be copied into each tf.data graph
+    and its rewrites, memory that grows with the number of files.
+    """
+    if self._table is None:
+      with tf.init_scope():  # eagerly, also when first asked inside a tf.data function
+        self._table = tf.lookup.StaticHashTable(tf.lookup.KeyValueTensorInitializer(
+            tf.range(self.count, dtype=tf.int64), tf.constant(self.paths)), default_value="")
+    return self._table
 
   def _like(self, paths) -> FileSplit:
     return FileSplit(paths, self.shape, self.resize, self.root)
@@ -131,17 +144,19 @@ class FileSplit(Split):
       image = tf.cast(tf.round(tf.clip_by_value(resized, 0.0, 255.0)), tf.uint8)
     return tf.ensure_shape(image, self.shape)
 
-  def _decoded(self, paths: tf.data.Dataset, parallel_calls: int) -> tf.data.Dataset:
-    return paths.map(self.decode, num_parallel_calls=parallel_calls, deterministic=True)
+  def _decoded(self, indices: tf.data.Dataset, parallel_calls: int) -> tf.data.Dataset:
+    table = self._path_table()
+    return indices.map(lambda index: self.decode(table.lookup(index)),
+                       num_parallel_calls=parallel_calls, deterministic=True)
 
   def examples(self):
-    return self._decoded(tf.data.Dataset.from_tensor_slices(list(self.paths)), tf.data.AUTOTUNE)
+    return self._decoded(tf.data.Dataset.range(self.count), tf.data.AUTOTUNE)
 
   def epoch(self, seed, batch_size, num_batches, parallel_calls):
     order = tf.argsort(tf.random.stateless_uniform([self.count], seed=seed))  # a permutation
-    paths = tf.gather(tf.constant(self.paths), order[:num_batches * batch_size])
-    files = tf.data.Dataset.from_tensor_slices(paths)
-    return self._decoded(files, parallel_calls).batch(batch_size, drop_remainder=True)
+    indices = tf.data.Dataset.from_tensor_slices(
+        tf.cast(order[:num_batches * batch_size], tf.int64))
+    return self._decoded(indices, parallel_calls).batch(batch_size, drop_remainder=True)
 
   def holdout(self, count):
     order = _fixed_order(self.count)
