@@ -72,7 +72,8 @@ def main() -> None:
         workdir = pathlib.Path(scratch, f"run_{count}_{round_}")
         output = subprocess.run(
             [sys.executable, __file__, args.source, "0", "--child", str(folders[count]),
-             str(workdir), str(max(args.counts) // count)], check=True, capture_output=True, text=True,
+             str(workdir), str(max(args.counts) // count)],
+            check=True, capture_output=True, text=True,
             env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}).stdout
         row = json.loads(output.strip().splitlines()[-1])
         results[count].append(row)
