@@ -216,12 +216,12 @@ def test_a_strategy_with_one_replica_trains_as_without_one(strategy, tmp_path, t
   # mirrored on a machine with one device, multi_worker without TF_CONFIG. Under a strategy
   # the runtime feeds batches and loops over the 10 steps of an epoch in one call; the training
   # is the same as with blocks of batches without one.
-  dataset = toy_dataset(5, 320, 32)
+  dataset = toy_dataset(5, 352, 32)
   config = training.model_config_for(dataset, latent_size=2, hidden_sizes=(16,))
   results, calls = {}, {}
-  for name in ("default", strategy):
+  for name in ("default", strategy):  # 320 train and 32 validation examples
     train_config = tfvae.TrainConfig(epochs=2, batch_size=32, eval_num_samples=0,
-                                     validation_examples=0)
+                                     validation_examples=32)
     calls[name] = _Calls()
     results[name] = training.train(config, train_config, tmp_path / name, dataset=dataset,
                                    verbose=0, runtime=tfvae.Runtime(strategy=name),

@@ -1,5 +1,7 @@
 """Importance-sampled log-likelihood against numerical integration and the ELBO."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -131,3 +133,28 @@ def test_evaluate_saved_model_keeps_each_request_within_the_export_limits(tmp_pa
   assert results["num_examples"] == 8 and results["log_likelihood"] > results["elbo"]
   with pytest.raises(ValueError, match="pass at most 100"):
     evaluation.evaluate_saved_model(path, x, num_samples=101)
+
+
+def test_bits_per_dim_has_one_definition_per_kind_of_likelihood(small_config, binary_batch):
+  bernoulli = evaluation.evaluate(tfvae.VAE(small_config), binary_batch, num_samples=0)
+  assert bernoulli["bits_per_dim_of"] == "elbo (an upper bound on bits/dim), discrete"
+  np.testing.assert_allclose(bernoulli["bits_per_dim"],
+                             -bernoulli["elbo"] / (784 * np.log(2)), rtol=1e-6)
+  grey = np.random.default_rng(0).integers(0, 256, (8, 28, 28, 1), dtype=np.uint8)
+  gaussian = dataclasses.replace(small_config, likelihood="gaussian")
+  results = evaluation.evaluate(tfvae.VAE(gaussian), grey, num_samples=10)
+  assert results["bits_per_dim_of"] == "log_likelihood (importance sampled, K=10), dequantized"
+  # -(log p(x) - D log 256) / (D log 2): 8 bits above the [0, 1] density's figure.
+  np.testing.assert_allclose(results["bits_per_dim"],
+                             8 - results["log_likelihood"] / (784 * np.log(2)), rtol=1e-6)
+  assert 0 < results["bits_per_dim"] < 16
+  vectors = tfvae.ModelConfig(image_shape=(3,), latent_size=2, hidden_sizes=(4,),
+                              likelihood="gaussian", standardize=True)
+  rows = np.random.default_rng(0).normal(size=(5, 3)).astype(np.float32)
+  assert evaluation.evaluate(tfvae.VAE(vectors), rows, num_samples=0)["bits_per_dim"] is None
+
+
+def test_bits_per_dim_formula():
+  log_p = tf.constant(-784 * np.log(2.0) * 3, tf.float64)
+  np.testing.assert_allclose(objectives.bits_per_dim(log_p, 784), 3.0)
+  np.testing.assert_allclose(objectives.bits_per_dim(log_p, 784, dequantized=True), 11.0)

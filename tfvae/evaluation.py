@@ -89,14 +89,24 @@ def evaluate(vae, x: np.ndarray, num_samples: int, seed: int = 0, batch_size: in
     num_samples: K for the importance-sampled log-likelihood; 0 skips it.
 
   Returns:
-    Dict with "elbo", "kl", "nll" and, when K > 0, "log_likelihood" and "bits_per_dim" (of
-    log_likelihood; else of the ELBO), and "num_samples", "num_examples".
+    Dict with "elbo", "kl", "nll", when K > 0 "log_likelihood", and "bits_per_dim" with
+    "bits_per_dim_of" (see `bits_per_dim_kind`), "num_samples", "num_examples".
   """
   batch_terms = _batch_terms_function(vae, num_samples, chunk_size)
   base_seed = tf.constant([seed, 0], tf.int32)
   return _aggregate(
       lambda batch, index: batch_terms(batch, objectives.fold_in(base_seed, index)), x,
-      num_samples, batch_size)
+      num_samples, batch_size, bits_per_dim_kind(vae.model_config))
+
+
+def bits_per_dim_kind(model_config) -> str | None:
+  """How bits/dim is defined for a model: "discrete" (-log2 p(x) / D, for the Bernoulli),
+  "dequantized" (a density on 8-bit images in [0, 1]; tfvae.objectives.bits_per_dim), or None
+  for standardized real features, where no quantization makes it a code length."""
+  from tfvae.distributions import LIKELIHOODS  # here: distributions imports no evaluation
+  if model_config.standardize:
+    return None
+  return "discrete" if LIKELIHOODS[model_config.likelihood].data == "binary" else "dequantized"
 
 
 def evaluate_saved_model(path, x: np.ndarray, num_samples: int, seed: int = 0,
@@ -106,8 +116,8 @@ def evaluate_saved_model(path, x: np.ndarray, num_samples: int, seed: int = 0,
   Batches are made smaller where the export's request limits (assets.extra/tfvae.json) need.
 
   Returns:
-    Dict with "elbo" (one sample per example), "log_likelihood" and "bits_per_dim" when K > 0,
-    "num_samples" and "num_examples".
+    Dict with "elbo" (one sample per example), "log_likelihood" when K > 0, "bits_per_dim"
+    and "bits_per_dim_of" as `evaluate` gives them, "num_samples" and "num_examples".
 
   Raises:
     ValueError: num_samples is more than the log_likelihood signature takes in one request.
@@ -126,7 +136,10 @@ def evaluate_saved_model(path, x: np.ndarray, num_samples: int, seed: int = 0,
           seed=tf.constant(seed, tf.int64) * 1_000_003 + index)["log_likelihood"]
     return terms
 
-  return _aggregate(batch_terms, x, num_samples, batch_size)
+  from tfvae import export  # here, since export imports this module
+  from tfvae.config import ModelConfig
+  config = ModelConfig.from_dict(export.load_metadata(path)["model_config"])
+  return _aggregate(batch_terms, x, num_samples, batch_size, bits_per_dim_kind(config))
 
 
 def _batch_size_within_limits(path, image_shape, num_samples: int, batch_size: int) -> int:
@@ -199,8 +212,10 @@ def _batches(x, batch_size: int):
     yield x[start:start + batch_size]
 
 
-def _aggregate(batch_terms, x, num_samples: int, batch_size: int) -> dict[str, float]:
-  """Per-example means of batch_terms(batch, index) -> {name: [B]} over x, plus bits/dim."""
+def _aggregate(batch_terms, x, num_samples: int, batch_size: int,
+               kind: str | None) -> dict[str, float]:
+  """Per-example means of batch_terms(batch, index) -> {name: [B]} over x, plus bits/dim of
+  the `bits_per_dim_kind` kind (of log_likelihood where computed, else of the ELBO)."""
   sums: dict[str, float] = {}
   count, num_dims = 0, None
   for index, batch in enumerate(_batches(x, batch_size)):
@@ -212,7 +227,14 @@ def _aggregate(batch_terms, x, num_samples: int, batch_size: int) -> dict[str, f
   if not count:
     raise ValueError("nothing to evaluate: no examples")
   results = {name: total / count for name, total in sums.items()}
-  score = results.get("log_likelihood", results["elbo"])
-  results["bits_per_dim"] = float(objectives.bits_per_dim(tf.constant(score), num_dims))
+  estimate = (f"log_likelihood (importance sampled, K={num_samples})" if num_samples > 0
+              else "elbo (an upper bound on bits/dim)")
+  if kind is None:
+    results.update(bits_per_dim=None, bits_per_dim_of="none: standardized real features")
+  else:
+    score = results.get("log_likelihood", results["elbo"])
+    results["bits_per_dim"] = float(objectives.bits_per_dim(
+        tf.constant(score, tf.float64), num_dims, dequantized=kind == "dequantized"))
+    results["bits_per_dim_of"] = f"{estimate}, {kind}"
   results.update(num_samples=int(num_samples), num_examples=count)
   return results

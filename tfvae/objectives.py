@@ -213,6 +213,16 @@ def per_example_loss(objective: str, x: tf.Tensor, posterior: tfd.Distribution,
   return terms
 
 
-def bits_per_dim(log_likelihood: tf.Tensor, num_dims: int) -> tf.Tensor:
-  """-log2 p(x) / D: nats per example -> bits per dimension."""
-  return -log_likelihood / (num_dims * math.log(2.0))
+def bits_per_dim(log_likelihood: tf.Tensor, num_dims: int,
+                 dequantized: bool = False) -> tf.Tensor:
+  """Nats per example -> bits per dimension, one definition for every report.
+
+  A discrete likelihood (Bernoulli on binary values) gives a code length: -log2 p(x) / D. A
+  density on 8-bit values scaled to [0, 1] is not one (it can exceed 1, and -log2 go
+  negative); with dequantized, it is read as the density of x + u/256, u ~ U[0, 1)^D, on
+  [0, 256)^D: -(log p(x) - D log 256) / (D log 2), the figure PixelCNN and IAF papers report;
+  it is >= 0 unless the density exceeds 256 per value (more than one quantization bin's
+  mass packed into a bin).
+  """
+  bits = -log_likelihood / (num_dims * math.log(2.0))
+  return bits + 8.0 if dequantized else bits
