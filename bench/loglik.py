@@ -39,7 +39,7 @@ def main(argv):
   import tfvae
   from tfvae import data, evaluation, training
 
-  dataset = data.load("mnist", FLAGS.data_dir)
+  dataset = data.load("mnist", FLAGS.data_dir, validation_examples=0)
   model_config = training.model_config_for(
       dataset, latent_size=FLAGS.latent_size,
       hidden_sizes=tuple(int(h) for h in FLAGS.hidden_sizes), objective=FLAGS.objective,

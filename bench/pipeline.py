@@ -60,7 +60,7 @@ def main(argv):
   import tfvae
   from tfvae import data
   tfvae.Runtime().configure_threads()
-  grey = data.load("mnist").x_train
+  grey = data.load("mnist", validation_examples=0).x_train
   binarized = data.eval_arrays(grey, bernoulli=True, binary=False)  # once, with a fixed seed
   threads = tfvae.Runtime().pipeline_threads
   print(f"tensorflow {tf.__version__}, {os.cpu_count()} CPUs, pipeline threads {threads}\n")

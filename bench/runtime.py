@@ -74,7 +74,7 @@ def _worker(process: str) -> dict[str, float]:
   threads = 1 if process == "one thread per op" else 0
   base = tfvae.Runtime(step_shards=2 if threads else 1, intra_op_threads=threads)
   base.configure_threads()
-  dataset = data.load("mnist")
+  dataset = data.load("mnist", validation_examples=0)
   steps = data.steps_per_epoch(len(dataset.x_train), 100)
   strategy = base.make_strategy()
   epochs = {}

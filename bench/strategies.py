@@ -42,7 +42,8 @@ def main(argv):
     cpu = tf.config.list_physical_devices("CPU")[0]
     tf.config.set_logical_device_configuration(
         cpu, [tf.config.LogicalDeviceConfiguration()] * FLAGS.replicas)
-  x = data.eval_arrays(data.load("mnist").x_train, bernoulli=True, binary=False)
+  x = data.eval_arrays(data.load("mnist", validation_examples=0).x_train, bernoulli=True,
+                       binary=False)
   steps = data.steps_per_epoch(len(x), BATCH_SIZE)
   many = tfvae.Runtime(strategy="mirrored").steps_per_call(steps)
   strategy = tf.distribute.MirroredStrategy()

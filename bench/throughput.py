@@ -231,7 +231,7 @@ def main(argv):
     return
   # Threads per op as train() sets them, before TensorFlow runs its first op.
   tfvae.Runtime().configure_threads()
-  mnist = data.load("mnist")
+  mnist = data.load("mnist", validation_examples=0)
   # Binarized once, held as tfvae holds images (uint8 0/255, scaled inside its step); the
   # PyTorch loop gets the same pixels as preloaded float32 0/1.
   x = data.eval_arrays(mnist.x_train[:FLAGS.examples], bernoulli=True, binary=False)

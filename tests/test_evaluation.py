@@ -137,7 +137,7 @@ def test_evaluate_saved_model_keeps_each_request_within_the_export_limits(tmp_pa
 
 def test_bits_per_dim_has_one_definition_per_kind_of_likelihood(small_config, binary_batch):
   bernoulli = evaluation.evaluate(tfvae.VAE(small_config), binary_batch, num_samples=0)
-  assert bernoulli["bits_per_dim_of"] == "elbo (an upper bound on bits/dim), discrete"
+  assert bernoulli["bits_per_dim_of"] == "elbo (above the log-likelihood's figure), discrete"
   np.testing.assert_allclose(bernoulli["bits_per_dim"],
                              -bernoulli["elbo"] / (784 * np.log(2)), rtol=1e-6)
   grey = np.random.default_rng(0).integers(0, 256, (8, 28, 28, 1), dtype=np.uint8)

@@ -338,3 +338,46 @@ def test_results_name_the_split_they_come_from(toy_dataset, tmp_path):
   results = json.loads((tmp_path / "results.json").read_text())
   assert results["test"]["split"] == "test" and results["test"]["num_examples"] == 40
   assert results["train_config"]["validation_examples"] == 30
+
+
+def test_from_tf_data_tells_batches_and_checks_the_range():
+  images = np.random.default_rng(0).integers(0, 256, (120, 8, 8, 1), dtype=np.uint8)
+  fixed = data.from_tf_data(tf.data.Dataset.from_tensor_slices(images).batch(
+      10, drop_remainder=True))
+  assert fixed.image_shape == (8, 8, 1) and fixed.train.count + fixed.test.count == 120
+  grey = data.from_tf_data(tf.data.Dataset.from_tensor_slices(images[..., 0]).batch(
+      10, drop_remainder=True))
+  assert grey.image_shape == (8, 8, 1)
+  vectors = np.ones((40, 5), np.float32)
+  batched = data.from_tf_data(tf.data.Dataset.from_tensor_slices(vectors).batch(
+      8, drop_remainder=True), batched=True)
+  assert batched.image_shape == (5,)
+  with pytest.raises(data.DataError, match=r"values in \[0, 255\]; expected uint8 0..255 or"):
+    data.from_tf_data(tf.data.Dataset.from_tensor_slices(images.astype(np.float32)))
+
+
+def test_bernoulli_on_real_vectors_is_refused(tmp_path):
+  x, _ = _tabular(0, 100)
+  dataset = data.Dataset("npz:v", x[:80], x[80:], binary=False)
+  config = tfvae.ModelConfig(image_shape=(8,), hidden_sizes=(8,))
+  with pytest.raises(tfvae.ConfigError, match="pass --likelihood=gaussian"):
+    training.train(config, tfvae.TrainConfig(epochs=1), tmp_path, dataset=dataset, verbose=0)
+
+
+def test_palette_bmps_are_refused_before_training(tmp_path):
+  Image.fromarray(np.zeros((4, 4, 3), np.uint8)).convert("P").save(tmp_path / "a.bmp")
+  with pytest.raises(data.DataError, match=r"a\.bmp: a palette BMP, .* convert it to PNG"):
+    data.load(f"folder:{tmp_path}")
+
+
+def test_adding_files_leaves_the_others_in_their_split(tmp_path):
+  rng = np.random.default_rng(3)
+  _write_images(tmp_path / "f", rng.integers(0, 256, (100, 4, 4, 1), dtype=np.uint8), classes=1)
+  before = data.load(f"folder:{tmp_path / 'f'}", validation_examples=0)
+  _write_images(tmp_path / "more", rng.integers(0, 256, (20, 4, 4, 1), dtype=np.uint8),
+                classes=1)
+  for path in (tmp_path / "more" / "class_0").iterdir():
+    path.rename(tmp_path / "f" / "class_0" / f"new_{path.name}")
+  after = data.load(f"folder:{tmp_path / 'f'}", validation_examples=0)
+  moved = set(before.test.paths) - set(after.test.paths)
+  assert after.test.count == 12 and len(moved) <= 2  # at most the new files' share changes

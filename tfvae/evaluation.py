@@ -125,6 +125,8 @@ def evaluate_saved_model(path, x: np.ndarray, num_samples: int, seed: int = 0,
   if num_samples > 0:
     shape = x.element_spec.shape[1:] if isinstance(x, tf.data.Dataset) else x.shape[1:]
     batch_size = _batch_size_within_limits(path, tuple(shape), num_samples, batch_size)
+  if isinstance(x, tf.data.Dataset):  # in batches the export's request limits take
+    x = x.unbatch().batch(batch_size)
   model = tf.saved_model.load(str(path))  # kept alive here: the signatures use its variables
   signatures = model.signatures
 
@@ -228,7 +230,7 @@ def _aggregate(batch_terms, x, num_samples: int, batch_size: int,
     raise ValueError("nothing to evaluate: no examples")
   results = {name: total / count for name, total in sums.items()}
   estimate = (f"log_likelihood (importance sampled, K={num_samples})" if num_samples > 0
-              else "elbo (an upper bound on bits/dim)")
+              else "elbo (above the log-likelihood's figure)")
   if kind is None:
     results.update(bits_per_dim=None, bits_per_dim_of="none: standardized real features")
   else:

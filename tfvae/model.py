@@ -248,8 +248,9 @@ class VAE(keras.Model):
     """Sets the standardization statistics (model_config.standardize) from training data.
 
     Like keras.layers.Normalization.adapt: the mean and standard deviation of each feature over
-    data, an array [N, D], a tf.data.Dataset of batches, or a tfvae.data.splits.Split. A
-    feature that never varies gets a standard deviation of 1.
+    data, an array [N, D], a tf.data.Dataset of batches (of features, (features, labels) or
+    dicts with an "image" key), or a tfvae.data.splits.Split; in the units the model reads
+    (uint8 scaled by 1/255). A feature that never varies gets a standard deviation of 1.
     """
     if not self.model_config.standardize:
       raise ValueError("adapt sets the statistics of standardized features; this model's"
@@ -262,7 +263,9 @@ class VAE(keras.Model):
       batches = data.as_numpy_iterator()
     count, total, squares = 0, 0.0, 0.0
     for batch in batches:
-      batch = np.asarray(_examples_of(batch), np.float64)
+      if isinstance(batch, (tuple, list)):  # (features, labels)
+        batch = batch[0]
+      batch = np.asarray(to_unit_float(_examples_of(batch)), np.float64)
       count += len(batch)
       total = total + batch.sum(axis=0)
       squares = squares + np.square(batch).sum(axis=0)
@@ -284,7 +287,8 @@ class VAE(keras.Model):
     return objectives.per_example_loss(
         self.model_config.objective, x, self.encoder(x, training=training), self.prior,
         lambda z: self.decoder(z, training=training),
-        num_samples or self.model_config.num_samples, seed, beta=self.model_config.beta)
+        num_samples or self.model_config.num_samples, seed, beta=self.model_config.beta,
+        gradient_estimator=self.model_config.gradient_estimator)
 
   def _train_seed(self) -> tf.Tensor:
     """The reparameterization noise seed of a training step: f(seed, step, replica).

@@ -28,7 +28,9 @@ def image_grid(images: np.ndarray, columns: int, padding: int = 1) -> np.ndarray
 
 def save_png(picture: np.ndarray, path: str | os.PathLike, scale: int = 2) -> pathlib.Path:
   """Writes a uint8 [H, W, C] picture, enlarged `scale` times, atomically to `path`."""
-  mode = {1: "L", 3: "RGB", 4: "RGBA"}[picture.shape[-1]]
+  mode = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}.get(picture.shape[-1], "RGB")
+  if picture.shape[-1] > 4:  # more channels than a PNG holds: the first three
+    picture = picture[..., :3]
   image = Image.fromarray(picture[..., 0] if mode == "L" else picture, mode=mode)
   image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
   with atomic_path(path) as temporary:

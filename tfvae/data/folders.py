@@ -4,8 +4,10 @@ PNG, JPEG, BMP and GIF (its first frame) in any subfolder; class subfolders are 
 PATH has train/ and test/ subfolders they are the splits (and valid/ or validation/, if there,
 the validation split); otherwise FOLDER_TEST_FRACTION of the images, the same ones for every
 run, are held out as the test split. Only the files' headers are read before training: their
-size and colour mode. Grey folders give 1 channel, folders with any transparency 4 (RGBA),
-others 3 (RGB); each image is converted to that as it is decoded.
+size and colour mode. Grey folders give 1 channel, folders with an alpha channel (RGBA, grey
+with alpha, or a palette with transparency) 4, others 3 (RGB); each image is converted to that
+as it is decoded. Files are split by a digest of their path below PATH, so adding files leaves
+the others in their split.
 """
 
 from __future__ import annotations
@@ -43,6 +45,9 @@ def _header(path: pathlib.Path) -> tuple[int, int, int]:
   except (OSError, UnidentifiedImageError, ValueError) as e:
     raise DataError(f"{path}: not a readable image ({e}); remove it or convert it to PNG"
                     f" or JPEG") from e
+  if path.suffix.lower() == ".bmp" and mode in ("P", "1"):
+    raise DataError(f"{path}: a {'palette' if mode == 'P' else '1-bit'} BMP, which TensorFlow"
+                    f" does not decode to its colours; convert it to PNG")
   if mode in _GREY_MODES:
     channels = 1
   elif mode in ("LA", "La", "PA"):
@@ -109,7 +114,7 @@ def load(path: str, image_size: tuple[int, int] | None = None):
       raise DataError(f"{root}: {everything.count} images are too few to hold out"
                       f" {FOLDER_TEST_FRACTION:.0%} as the test split; add images, or"
                       f" train/ and test/ subfolders")
-    train, test = everything.holdout(test_count)
+    train, test = everything.holdout(test_count)  # by path digest: see FileSplit.holdout
     validation = None
   else:
     train, test = split_of(files["train"]), split_of(files["test"])

@@ -159,9 +159,12 @@ class FileSplit(Split):
     return self._decoded(indices, parallel_calls).batch(batch_size, drop_remainder=True)
 
   def holdout(self, count):
-    order = _fixed_order(self.count)
-    return (self._like([self.paths[i] for i in np.sort(order[count:])]),
-            self._like([self.paths[i] for i in np.sort(order[:count])]))
+    # By a digest of each path below root: a file stays in its split when others are added.
+    digests = [hashlib.sha256(os.path.relpath(p, self.root).encode()).digest()
+               for p in self.paths]
+    held = set(sorted(range(self.count), key=digests.__getitem__)[:count])
+    return (self._like([p for i, p in enumerate(self.paths) if i not in held]),
+            self._like([p for i, p in enumerate(self.paths) if i in held]))
 
   def take(self, count):
     return self._like(self.paths[:count])

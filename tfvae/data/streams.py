@@ -5,7 +5,7 @@ from __future__ import annotations
 import tensorflow as tf
 from absl import logging
 
-from tfvae.data.checks import DataError
+from tfvae.data.checks import CHANNELS, DataError, check_images, check_vectors
 from tfvae.data.splits import StreamSplit
 
 STREAM_TEST_FRACTION = 0.1
@@ -24,15 +24,24 @@ def _examples(*element):
   return element
 
 
-def _single_examples(dataset: tf.data.Dataset) -> tf.data.Dataset:
-  """Single examples [H, W, C] or [D]: a batched dataset (first dimension None) is unbatched,
-  and grey images [H, W] get their channel axis."""
+def _is_batched(shape: tf.TensorShape) -> bool:
+  """Batches: a first dimension of unknown size (.batch() without drop_remainder), rank 4
+  (images [B, H, W, C]), or rank 3 whose last dimension is no channel count ([B, H, W])."""
+  if not shape.rank:
+    return False
+  return (shape[0] is None or shape.rank == 4
+          or (shape.rank == 3 and shape[-1] not in CHANNELS))
+
+
+def _single_examples(dataset: tf.data.Dataset, batched: bool | None) -> tf.data.Dataset:
+  """Single examples [H, W, C] or [D]: batches are unbatched, and grey images [H, W] get their
+  channel axis."""
   dataset = dataset.map(_examples)
   spec = dataset.element_spec
   if not isinstance(spec, tf.TensorSpec):
     raise DataError(f"dataset elements are {spec}; tfvae takes images, (images, labels) or"
                     f" dicts with an 'image' key")
-  if spec.shape.rank and spec.shape[0] is None:
+  if batched if batched is not None else _is_batched(spec.shape):
     dataset = dataset.unbatch()
     spec = dataset.element_spec
   if spec.shape.rank == 2:
@@ -58,28 +67,47 @@ def _count(dataset: tf.data.Dataset) -> int:
   return count
 
 
+def _counted(examples: tf.data.Dataset, name: str) -> StreamSplit:
+  """A checked StreamSplit of the examples, their count known to tf.data (and to Keras)."""
+  count = _count(examples)
+  examples = examples.apply(tf.data.experimental.assert_cardinality(count))
+  return _checked(StreamSplit(examples, count), name)
+
+
+def _checked(split: StreamSplit, name: str) -> StreamSplit:
+  """The split, once its first examples pass tfvae.data.check_images (the range the model
+  reads: uint8 0..255, floats in [0, 1]); vectors take any finite values."""
+  head = split.head(256)
+  (check_vectors if head.ndim == 2 else check_images)(head, f"{name} (its first examples)")
+  return split
+
+
 def from_tf_data(train: tf.data.Dataset, test: tf.data.Dataset | None = None,
-                 name: str = "tf.data", binary: bool = False):
+                 name: str = "tf.data", binary: bool = False, batched: bool | None = None):
   """A tfvae Dataset streaming a user's tf.data.Dataset.
 
   Elements may be images [H, W, C] or [H, W] (uint8 0..255 or floats in [0, 1]), vectors [D],
   (images, labels) pairs or dicts with an "image" key, single or in batches; labels are
-  ignored. The dataset must give its examples in the same order each pass (no
-  reshuffle_each_iteration): tfvae shuffles each epoch itself, with the run's seed.
+  ignored. Batches are told from single examples by their shape (see `_is_batched`); pass
+  batched= where that guesses wrong (vectors batched with drop_remainder=True). The dataset
+  must give its examples in the same order each pass (no reshuffle_each_iteration): tfvae
+  shuffles each epoch itself, with the run's seed. Its first examples are checked for the
+  value range the model reads.
 
   Args:
     train: the training examples, one pass.
     test: the test examples; None holds out the first STREAM_TEST_FRACTION of train.
     name: the dataset's name in logs and results.
     binary: every value is 0 or 1 already (no binarization for the Bernoulli likelihood).
+    batched: whether the elements are batches; None tells from their shape.
 
   Raises:
     DataError: elements that are not images or vectors of one shape, or an endless dataset.
   """
   from tfvae.data.sources import Dataset  # here: sources imports this module's package
 
-  examples = _single_examples(train)
-  split = StreamSplit(examples, _count(examples))
+  split = _counted(_single_examples(train, batched), name)
+  examples = split.examples()
   if test is None:
     test_count = max(1, int(round(split.count * STREAM_TEST_FRACTION)))
     if test_count >= split.count:
@@ -88,8 +116,7 @@ def from_tf_data(train: tf.data.Dataset, test: tf.data.Dataset | None = None,
     test_split = StreamSplit(examples.take(test_count), test_count)
     split = StreamSplit(examples.skip(test_count), split.count - test_count)
   else:
-    test_examples = _single_examples(test)
-    test_split = StreamSplit(test_examples, _count(test_examples))
+    test_split = _counted(_single_examples(test, batched), f"{name} test")
     if test_split.shape != split.shape:
       raise DataError(f"{name}: training examples are {split.shape} but test examples are"
                       f" {test_split.shape}; they must match")

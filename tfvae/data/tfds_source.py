@@ -146,11 +146,15 @@ def image_shape(feature, name: str,
   return (*target, channels), target != (height, width)
 
 
-def _stream(builder, split: str, key: str | None, shape, resize: bool) -> splits.StreamSplit:
-  """One split as a StreamSplit of uint8 [H, W, C] images in TFDS's stored order."""
+def _stream(builder, split: str, key: str | None, shape, resize: bool,
+            scale: int = 1) -> splits.StreamSplit:
+  """One split as a StreamSplit of uint8 [H, W, C] images in TFDS's stored order; scale 255
+  turns images of 0/1 values into tfvae's 0/255."""
 
   def image(example):
     pixels = example if key is None else example[key]
+    if scale != 1:
+      pixels = pixels * tf.constant(scale, pixels.dtype)
     if resize:
       resized = tf.image.resize(pixels, shape[:2], antialias=True)
       pixels = tf.cast(tf.clip_by_value(tf.round(resized), 0.0, 255.0), tf.uint8)
@@ -199,8 +203,13 @@ def load(argument: str, data_dir: str | None, image_size: tuple[int, int] | None
     raise DataError(f"tfds:{argument} has no train split (its splits: {', '.join(found)});"
                     f" tfvae trains on the split named train")
   train = _stream(builder, "train", key, shape, resize)
+  # Images of 0 and 1 (TFDS's binarized_mnist) are binary data, not near-black grey levels.
+  binary = int(train.head(256).max()) <= 1
+  scale = 255 if binary else 1
+  if binary:
+    train = _stream(builder, "train", key, shape, resize, scale)
   if "test" in found:
-    test = _stream(builder, "test", key, shape, resize)
+    test = _stream(builder, "test", key, shape, resize, scale)
   else:
     count = int(round(train.count * TEST_FRACTION))
     if count < 1 or count >= train.count:
@@ -208,6 +217,7 @@ def load(argument: str, data_dir: str | None, image_size: tuple[int, int] | None
                       f" out {TEST_FRACTION:.0%} as the test split; use at least 10")
     train, test = train.holdout(count)
   valid_name = next((s for s in VALIDATION_SPLITS if s in found), None)
-  validation = _stream(builder, valid_name, key, shape, resize) if valid_name else None
-  return Dataset(name=f"tfds:{argument}", train=train, test=test, binary=False,
+  validation = (_stream(builder, valid_name, key, shape, resize, scale) if valid_name
+                else None)
+  return Dataset(name=f"tfds:{argument}", train=train, test=test, binary=binary,
                  validation=validation)
