@@ -62,3 +62,82 @@ def test_results_and_pictures_are_written(tmp_path):
   assert result.test_metrics["log_likelihood"] > result.test_metrics["elbo"]
   for name in ("results.json", "samples.png", "reconstructions.png", "manifold.png"):
     assert (tmp_path / name).is_file()
+
+
+@pytest.mark.parametrize("schedule, step, expected", [
+    ("constant", 500, 1e-3),
+    ("burda", 0, 1e-3), ("burda", 9, 1e-3), ("burda", 10, 1e-3 * 10 ** (-1 / 7)),
+    ("burda", 39, 1e-3 * 10 ** (-1 / 7)), ("burda", 40, 1e-3 * 10 ** (-2 / 7)),
+    ("burda", 10 * 3279, 1e-4),
+    ("cosine", 0, 1e-3), ("cosine", 250, 0.5e-3 * (1 + np.cos(np.pi / 4))), ("cosine", 1000, 0),
+    ("exponential", 500, 1e-3 * 0.1), ("exponential", 1000, 1e-5),
+])
+def test_learning_rate_schedules_follow_their_formulas(schedule, step, expected):
+  # 10 steps an epoch, 100 epochs: Burda's stage i covers epochs [(3^i - 1) / 2, (3^(i+1) - 1) / 2).
+  config = tfvae.TrainConfig(epochs=100, lr_schedule=schedule)
+  rate = training.learning_rate_schedule(config, steps_per_epoch=10)
+  value = rate if isinstance(rate, float) else float(rate(step))
+  np.testing.assert_allclose(value, expected, rtol=1e-5, atol=1e-12)
+
+
+def test_adam_epsilon_reaches_the_optimizer():
+  optimizer = training.make_optimizer(tfvae.TrainConfig(adam_epsilon=1e-4), 10)
+  assert optimizer.epsilon == 1e-4
+
+
+class _StopAfter(keras.callbacks.Callback):
+  """Interrupts training at the end of an epoch, after the checkpoint callbacks ran."""
+
+  def __init__(self, epoch):
+    super().__init__()
+    self.epoch = epoch
+
+  def on_epoch_end(self, epoch, logs=None):
+    if epoch + 1 == self.epoch:
+      raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("schedule", ["burda", "cosine"])
+def test_a_resumed_run_continues_its_schedule_exactly(schedule, tmp_path, toy_dataset):
+  dataset = toy_dataset(0, 220, 20)
+  config = tfvae.ModelConfig(image_shape=(8, 8, 1), latent_size=2, hidden_sizes=(8,),
+                             likelihood="gaussian")
+  train_config = tfvae.TrainConfig(epochs=5, batch_size=50, lr_schedule=schedule,
+                                   validation_examples=20)
+  straight = training.train(config, train_config, tmp_path / "straight", dataset=dataset,
+                            verbose=0)
+  with pytest.raises(KeyboardInterrupt):
+    training.train(config, train_config, tmp_path / "resumed", dataset=dataset, verbose=0,
+                   callbacks=[_StopAfter(2)])
+  resumed = training.train(config, train_config, tmp_path / "resumed", dataset=dataset,
+                           verbose=0)
+  assert int(resumed.vae.optimizer.iterations) == int(straight.vae.optimizer.iterations) == 20
+  for a, b in zip(straight.vae.weights, resumed.vae.weights, strict=True):
+    np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-6, atol=1e-7)
+
+
+def test_early_stopping_watches_the_validation_loss(tmp_path, toy_dataset):
+  # With a learning rate of 1e-30 nothing is learned: the validation loss only moves with its
+  # noise, so it fails to improve within a few epochs (30 improvements in a row: 1 in 30!).
+  config = tfvae.ModelConfig(image_shape=(8, 8, 1), latent_size=2, hidden_sizes=(8,),
+                             likelihood="gaussian")
+  train_config = tfvae.TrainConfig(epochs=30, batch_size=50, learning_rate=1e-30,
+                                   early_stopping_patience=1, validation_examples=50)
+  result = training.train(config, train_config, tmp_path, dataset=toy_dataset(0, 150, 20),
+                          verbose=0)
+  losses = result.history["val_loss"]
+  assert len(losses) < 30 and losses[-1] >= min(losses[:-1])
+  with pytest.raises(tfvae.ConfigError, match="early stopping watches the validation loss"):
+    tfvae.TrainConfig(early_stopping_patience=3, validation_examples=0)
+
+
+def test_init_output_bias_is_the_logit_of_the_mean_pixel(toy_dataset):
+  dataset = toy_dataset(0, 100, 10)
+  vae = tfvae.VAE(tfvae.ModelConfig(image_shape=(8, 8, 1), latent_size=2, hidden_sizes=(8,)))
+  training.init_output_bias(vae, dataset.train)
+  mean = np.clip(dataset.x_train.astype(np.float64).mean(axis=0) / 255, 0.001, 0.999)
+  bias = vae.decoder.network.get_layer("likelihood_params").bias.numpy()
+  np.testing.assert_allclose(bias, np.log(mean / (1 - mean)).ravel(), rtol=1e-5, atol=1e-6)
+  gaussian = tfvae.VAE(tfvae.ModelConfig(image_shape=(8, 8, 1), likelihood="gaussian"))
+  with pytest.raises(tfvae.ConfigError, match="for the Bernoulli likelihood"):
+    training.init_output_bias(gaussian, dataset.train)

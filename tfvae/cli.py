@@ -25,9 +25,10 @@ FLAGS = flags.FLAGS
 HELP_GROUPS = {
     "data": ["dataset", "data_dir", "image_size", "validation_examples", "max_examples"],
     "model": ["likelihood", "observation_scale", "latent_size", "hidden_sizes", "architecture",
-              "activation", "num_samples", "objective", "beta"],
-    "training": ["epochs", "batch_size", "optimizer", "learning_rate", "weight_decay", "seed",
-                 "eval_num_samples"],
+              "activation", "num_samples", "objective", "gradient_estimator", "beta"],
+    "training": ["epochs", "batch_size", "optimizer", "learning_rate", "lr_schedule",
+                 "adam_epsilon", "weight_decay", "seed", "early_stopping_patience",
+                 "init_output_bias", "eval_num_samples"],
     "this machine (tfvae.runtime; never saved with the model)": [
         "strategy", "mixed_precision", "steps_per_execution", "step_shards",
         "intra_op_threads"],
@@ -65,6 +66,8 @@ def define_model_flags() -> None:
                        "L, samples of z per example (K for --objective=iwae).")
   flags.DEFINE_enum("objective", defaults.objective, config.OBJECTIVES,
                     "elbo (Kingma & Welling) or iwae (Burda et al.).")
+  flags.DEFINE_enum("gradient_estimator", defaults.gradient_estimator, config.GRADIENT_ESTIMATORS,
+                    "For --objective=iwae: standard, or dreg (Tucker et al., 2018).")
   flags.DEFINE_float("beta", defaults.beta, "KL weight: 1 is the ELBO, 0 an auto-encoder.")
 
 
@@ -74,7 +77,16 @@ def define_train_flags() -> None:
   flags.DEFINE_integer("batch_size", defaults.batch_size, "M, examples per step.")
   flags.DEFINE_integer("epochs", defaults.epochs, "Passes over the training set.")
   flags.DEFINE_enum("optimizer", defaults.optimizer, config.OPTIMIZERS, "Optimizer.")
-  flags.DEFINE_float("learning_rate", defaults.learning_rate, "Learning rate.")
+  flags.DEFINE_float("learning_rate", defaults.learning_rate, "Learning rate (at the start).")
+  flags.DEFINE_enum("lr_schedule", defaults.lr_schedule, config.LR_SCHEDULES,
+                    "constant; burda (stage i runs 3^i epochs at learning_rate * 10^(-i/7));"
+                    " cosine (to 0 at the last epoch); exponential (to 1% at the last epoch).")
+  flags.DEFINE_float("adam_epsilon", defaults.adam_epsilon,
+                     "Epsilon of adam and adamw (Burda et al.: 1e-4).")
+  flags.DEFINE_integer("early_stopping_patience", defaults.early_stopping_patience,
+                       "Stop after this many epochs without a better validation loss; 0: off.")
+  flags.DEFINE_bool("init_output_bias", defaults.init_output_bias,
+                    "Start the Bernoulli decoder's output bias at logit(mean training pixel).")
   flags.DEFINE_float("weight_decay", defaults.weight_decay, "Decoupled weight decay.")
   flags.DEFINE_integer("seed", defaults.seed, "Seeds weights, data order, binarization, noise.")
   flags.DEFINE_integer("max_examples", None, "Keep only the first N training examples.")
@@ -151,6 +163,7 @@ def model_config_from_flags(image_shape, standardize: bool = False) -> config.Mo
       architecture=FLAGS.architecture, activation=FLAGS.activation,
       likelihood=FLAGS.likelihood, observation_scale=FLAGS.observation_scale,
       num_samples=FLAGS.num_samples, objective=FLAGS.objective, beta=FLAGS.beta,
+      gradient_estimator=FLAGS.gradient_estimator,
       standardize=standardize and LIKELIHOODS[FLAGS.likelihood].data == "real")
 
 
@@ -159,6 +172,9 @@ def train_config_from_flags() -> config.TrainConfig:
   return config.TrainConfig(
       dataset=FLAGS.dataset, data_dir=FLAGS.data_dir, batch_size=FLAGS.batch_size,
       epochs=FLAGS.epochs, optimizer=FLAGS.optimizer, learning_rate=FLAGS.learning_rate,
+      lr_schedule=FLAGS.lr_schedule, adam_epsilon=FLAGS.adam_epsilon,
+      early_stopping_patience=FLAGS.early_stopping_patience,
+      init_output_bias=FLAGS.init_output_bias,
       weight_decay=FLAGS.weight_decay, seed=FLAGS.seed, max_examples=FLAGS.max_examples,
       eval_num_samples=FLAGS.eval_num_samples, validation_examples=FLAGS.validation_examples,
       image_size=image_size_from_flags())

@@ -16,7 +16,9 @@ from tfvae.distributions import LIKELIHOODS
 
 ARCHITECTURES = ("mlp", "conv")
 OBJECTIVES = ("elbo", "iwae")
+GRADIENT_ESTIMATORS = ("standard", "dreg")
 OPTIMIZERS = ("adam", "adamw", "adagrad", "sgd", "rmsprop")
+LR_SCHEDULES = ("constant", "burda", "cosine", "exponential")
 
 
 class ConfigError(ValueError):
@@ -61,6 +63,8 @@ class ModelConfig:
     num_samples: L, the Monte Carlo samples of z per example (K for the IWAE bound).
     objective: "elbo" (Kingma & Welling, eq. 10) or "iwae" (Burda et al., 2015).
     beta: weight of the KL term in the training loss; 1 is the ELBO, 0 an auto-encoder.
+    gradient_estimator: "standard", or "dreg" for objective=iwae: the doubly reparameterized
+      gradient of Tucker et al. (2018), the same in expectation with less encoder variance.
     standardize: real-valued features: the model standardizes them with statistics of the
       training data it stores (VAE.adapt), and its Gaussian means are not squashed into
       (0, 1); the likelihood is of the raw values.
@@ -77,6 +81,7 @@ class ModelConfig:
   objective: str = "elbo"
   beta: float = 1.0
   standardize: bool = False
+  gradient_estimator: str = "standard"
 
   def __post_init__(self):
     # Normalize sequences so configs from JSON (lists) compare equal to configs from code.
@@ -110,6 +115,10 @@ class ModelConfig:
                f"observation_scale is only used by a likelihood with a fixed scale"
                f" (gaussian_fixed), not {self.likelihood}; drop --observation_scale or pass"
                f" --likelihood=gaussian_fixed")
+    _one_of("gradient_estimator", self.gradient_estimator, GRADIENT_ESTIMATORS)
+    require(self.gradient_estimator != "dreg" or self.objective == "iwae",
+            "gradient_estimator=dreg is for the IWAE bound; pass --objective=iwae"
+            " --num_samples=K, or drop --gradient_estimator")
     require(not self.standardize or LIKELIHOODS[self.likelihood].data == "real",
             f"standardized features need a likelihood of real values (gaussian or"
             f" gaussian_fixed), not {self.likelihood}")
@@ -150,13 +159,22 @@ class TrainConfig:
     batch_size: M, examples per step.
     epochs: passes over the training set.
     optimizer: "adam", "adamw", "adagrad", "sgd" or "rmsprop".
-    learning_rate: step size of the optimizer.
+    learning_rate: step size of the optimizer (at the start, under a schedule).
+    lr_schedule: "constant"; "burda" (Burda et al. 2015: stage i = 0, 1, ... runs 3^i epochs
+      at learning_rate * 10^(-i/7)); "cosine" (to 0 at the last epoch); "exponential" (to 1%
+      of learning_rate at the last epoch). Functions of the optimizer's step, so a resumed run
+      continues them exactly.
+    adam_epsilon: epsilon of adam and adamw (Keras's default 1e-7; Burda et al. used 1e-4).
     weight_decay: decoupled weight decay (AdamW style), 0 for none.
     seed: seeds weights, shuffling, binarization and the reparameterization noise.
     max_examples: keep only the first N training examples (quick runs); None keeps all.
     validation_examples: examples held out from training for model selection (best.keras);
       None: the source's default (tfvae.data.sources.with_validation), 0: none.
     image_size: (height, width) to resize folder and TFDS images to; None keeps their size.
+    early_stopping_patience: stop after this many epochs without a better validation loss;
+      0 never stops early.
+    init_output_bias: start the Bernoulli decoder's output bias at the logit of the training
+      set's mean pixel, clipped to [0.001, 0.999] (Burda et al.); False keeps zeros.
     eval_num_samples: K for the importance-sampled test log-likelihood at the end; 0 skips it.
   """
 
@@ -166,12 +184,16 @@ class TrainConfig:
   epochs: int = 40
   optimizer: str = "adam"
   learning_rate: float = 1e-3
+  lr_schedule: str = "constant"
+  adam_epsilon: float = 1e-7
   weight_decay: float = 0.0
   seed: int = 0
   max_examples: int | None = None
   eval_num_samples: int = 0
   validation_examples: int | None = None
   image_size: tuple[int, int] | None = None
+  early_stopping_patience: int = 0
+  init_output_bias: bool = False
 
   def __post_init__(self):
     try:
@@ -184,6 +206,9 @@ class TrainConfig:
     _one_of("optimizer", self.optimizer, OPTIMIZERS)
     require(math.isfinite(self.learning_rate) and self.learning_rate > 0,
             f"learning_rate={self.learning_rate} must be a positive number, e.g. 1e-3")
+    _one_of("lr_schedule", self.lr_schedule, LR_SCHEDULES)
+    require(math.isfinite(self.adam_epsilon) and self.adam_epsilon > 0,
+            f"adam_epsilon={self.adam_epsilon} must be a positive number, e.g. 1e-7 or 1e-4")
     require(math.isfinite(self.weight_decay) and self.weight_decay >= 0,
             f"weight_decay={self.weight_decay} must be >= 0")
     require(self.max_examples is None or self.max_examples >= 1,
@@ -194,5 +219,10 @@ class TrainConfig:
       object.__setattr__(self, "image_size", tuple(int(d) for d in self.image_size))
       require(len(self.image_size) == 2 and all(d >= 1 for d in self.image_size),
               f"image_size={self.image_size} must be (height, width), e.g. 32x32")
+    require(self.early_stopping_patience >= 0,
+            f"early_stopping_patience={self.early_stopping_patience} must be >= 0 (0: off)")
+    require(not (self.early_stopping_patience and self.validation_examples == 0),
+            "early stopping watches the validation loss; drop --validation_examples=0 or"
+            " --early_stopping_patience")
     require(self.eval_num_samples >= 0,
             f"eval_num_samples={self.eval_num_samples} must be >= 0 (0 skips the estimate)")

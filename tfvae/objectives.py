@@ -190,14 +190,50 @@ def iwae_terms(x: tf.Tensor, posterior: tfd.Distribution, prior: tfd.Distributio
   return {"iwae": log_mean_exp(log_weights, axis=0), "kl": kl, "nll": nll, "elbo": -(kl + nll)}
 
 
+def iwae_dreg_terms(x: tf.Tensor, posterior: tfd.Distribution, prior: tfd.Distribution,
+                    decode: DecodeFn, num_samples: int, seed: tf.Tensor) -> dict[str, tf.Tensor]:
+  """`iwae_terms` whose "loss" has the doubly reparameterized gradient (Tucker et al., 2018).
+
+  The value of loss is -iwae. Its gradient is, with normalized weights w~_k = w_k / sum_j w_j:
+  for the decoder, the IWAE gradient -sum_k w~_k grad log w_k; for the encoder,
+  -sum_k w~_k^2 (d log w_k / d z_k) dz_k/dphi, with log q's parameters held fixed in log w_k.
+  Both are unbiased; the encoder's has far less variance at large K (Tucker et al., eq. 8).
+  The w~_k^2 comes from one decoding: the gradient reaching z_k is scaled by w~_k on its way
+  back, and the surrogate sum_k w~_k log w_k gives the other w~_k.
+  """
+  weights = {}
+
+  @tf.custom_gradient
+  def scaled_on_the_way_back(z):  # identity; the gradient to z_k [K, B, J] times w~_k
+    return tf.identity(z), lambda upstream: upstream * weights["normalized"][..., None]
+
+  z = scaled_on_the_way_back(posterior.sample(num_samples, seed=seed))  # [K, B, J]
+  fixed_q = tfd.Independent(tfd.Normal(tf.stop_gradient(posterior.mean()),
+                                       tf.stop_gradient(posterior.stddev())),
+                            reinterpreted_batch_ndims=1)
+  log_likelihoods = decode(z).log_prob(x)  # [K, B]
+  log_weights = log_likelihoods + prior.log_prob(z) - fixed_q.log_prob(z)  # [K, B]
+  weights["normalized"] = tf.stop_gradient(tf.nn.softmax(log_weights, axis=0))  # [K, B]
+  surrogate = tf.reduce_sum(weights["normalized"] * log_weights, axis=0)  # [B]
+  iwae = log_mean_exp(log_weights, axis=0)  # [B]
+  nll = -tf.reduce_mean(log_likelihoods, axis=0)  # [B]
+  kl = analytic_kl(posterior, prior)  # [B]
+  return {"iwae": iwae, "kl": kl, "nll": nll, "elbo": -(kl + nll),
+          # The value of -iwae, the gradient of -surrogate alone.
+          "loss": -(tf.stop_gradient(iwae) + surrogate - tf.stop_gradient(surrogate))}
+
+
 def per_example_loss(objective: str, x: tf.Tensor, posterior: tfd.Distribution,
                      prior: tfd.Distribution, decode: DecodeFn, num_samples: int,
-                     seed: tf.Tensor, beta: float = 1.0) -> dict[str, tf.Tensor]:
+                     seed: tf.Tensor, beta: float = 1.0,
+                     gradient_estimator: str = "standard") -> dict[str, tf.Tensor]:
   """The training loss and the reported terms, all [B].
 
   Args:
     objective: "elbo": loss = nll + beta * kl (beta = 1 is -ELBO, beta = 0 an auto-encoder);
       "iwae": loss = -iwae bound (beta must be 1).
+    gradient_estimator: for iwae, "standard" (the reparameterization gradient of the bound)
+      or "dreg" (`iwae_dreg_terms`).
 
   Returns:
     Dict with "loss", "elbo", "kl", "nll" (and "iwae" for that objective).
@@ -205,6 +241,8 @@ def per_example_loss(objective: str, x: tf.Tensor, posterior: tfd.Distribution,
   if objective == "elbo":
     terms = elbo_terms(x, posterior, prior, decode, num_samples, seed)
     terms["loss"] = terms["nll"] + beta * terms["kl"]
+  elif objective == "iwae" and gradient_estimator == "dreg":
+    terms = iwae_dreg_terms(x, posterior, prior, decode, num_samples, seed)
   elif objective == "iwae":
     terms = iwae_terms(x, posterior, prior, decode, num_samples, seed)
     terms["loss"] = -terms["iwae"]
@@ -219,10 +257,9 @@ def bits_per_dim(log_likelihood: tf.Tensor, num_dims: int,
 
   A discrete likelihood (Bernoulli on binary values) gives a code length: -log2 p(x) / D. A
   density on 8-bit values scaled to [0, 1] is not one (it can exceed 1, and -log2 go
-  negative); with dequantized, it is read as the density of x + u/256, u ~ U[0, 1)^D, on
-  [0, 256)^D: -(log p(x) - D log 256) / (D log 2), the figure PixelCNN and IAF papers report;
-  it is >= 0 unless the density exceeds 256 per value (more than one quantization bin's
-  mass packed into a bin).
+  negative); with dequantized, it is moved to the 0..256 scale, -(log p(x) - D log 256) /
+  (D log 2), the figure PixelCNN and IAF papers report. That is a code length for a density of
+  dequantized values x + u/256 and stays >= 0 unless the density exceeds 256 per value.
   """
   bits = -log_likelihood / (num_dims * math.log(2.0))
   return bits + 8.0 if dequantized else bits

@@ -60,10 +60,32 @@ class TrainResult:
   already_done: bool = False
 
 
-def make_optimizer(config: TrainConfig) -> keras.optimizers.Optimizer:
-  """The optimizer named by config.optimizer, with its learning rate and weight decay."""
-  kwargs = {"learning_rate": config.learning_rate,
+BURDA_STAGES = 8  # Burda et al.'s schedule: 3^0 + ... + 3^7 = 3,280 epochs
+
+
+def learning_rate_schedule(config: TrainConfig, steps_per_epoch: int):
+  """config.learning_rate, or the keras.optimizers.schedules schedule config.lr_schedule names."""
+  rate, total = config.learning_rate, config.epochs * steps_per_epoch
+  schedules = keras.optimizers.schedules
+  if config.lr_schedule == "constant":
+    return rate
+  if config.lr_schedule == "burda":
+    ends = np.cumsum([3**i for i in range(BURDA_STAGES)]) * steps_per_epoch  # stage ends
+    # Keras gives values[i] up to and including boundaries[i]; step `end` starts the next stage.
+    return schedules.PiecewiseConstantDecay(
+        [int(end) - 1 for end in ends[:-1]], [rate * 10 ** (-i / 7) for i in range(BURDA_STAGES)])
+  if config.lr_schedule == "cosine":
+    return schedules.CosineDecay(rate, decay_steps=total)
+  return schedules.ExponentialDecay(rate, decay_steps=total, decay_rate=0.01)
+
+
+def make_optimizer(config: TrainConfig, steps_per_epoch: int = 1) -> keras.optimizers.Optimizer:
+  """The optimizer named by config.optimizer, with its learning rate (schedule), epsilon and
+  weight decay; steps_per_epoch sizes the schedules."""
+  kwargs = {"learning_rate": learning_rate_schedule(config, steps_per_epoch),
             "weight_decay": config.weight_decay or None}
+  if config.optimizer in ("adam", "adamw"):
+    kwargs["epsilon"] = config.adam_epsilon
   if config.optimizer == "adamw":
     kwargs["weight_decay"] = config.weight_decay  # AdamW always decays; 0 turns it off.
   return {
@@ -344,16 +366,19 @@ def _fit_and_report(model_config, train_config, workdir, runtime, strategy, feed
       vae = keras.saving.load_model(workdir / "last.keras")
     else:
       vae = VAE(model_config, seed=train_config.seed)
-      vae.compile(optimizer=make_optimizer(train_config))
+      vae.compile(optimizer=make_optimizer(train_config, feeds.steps))
       if model_config.standardize:  # a resumed run restores them with the weights
         vae.adapt(feeds.train_split)
+      if train_config.init_output_bias:
+        init_output_bias(vae, feeds.train_split)
   logging.info("Training on %d %s images %s for %d epochs of %d optimizer steps, %d steps per"
                " graph call.", feeds.num_train, feeds.name, model_config.image_shape,
                train_config.epochs, feeds.steps, feeds.steps_per_call)
   with runtime.attach(vae, feeds.steps_per_call):
     history = vae.fit(feeds.train, validation_data=feeds.validation, epochs=train_config.epochs,
                       initial_epoch=first_epoch, steps_per_epoch=feeds.steps, shuffle=False,
-                      verbose=verbose, callbacks=_callbacks(workdir, callbacks))
+                      verbose=verbose,
+                      callbacks=_callbacks(workdir, train_config, feeds.validation, callbacks))
   test_metrics = _report(vae, feeds, model_config, train_config, workdir)
   return TrainResult(vae=vae, history=history.history, test_metrics=test_metrics,
                      workdir=workdir)
@@ -375,6 +400,13 @@ def _check_model_fits(model_config: ModelConfig, dataset: data_lib.Dataset) -> N
     raise ConfigError(f"model image_shape {model_config.image_shape} does not match the"
                       f" {dataset.name} examples {dataset.image_shape}; build the config with"
                       f" tfvae.training.model_config_for(dataset)")
+  if dataset.vectors and model_config.likelihood == "bernoulli" and not dataset.binary:
+    values = dataset.train.head(10_000)
+    if values.min() < 0 or values.max() > 1:
+      raise ConfigError(f"{dataset.name} holds real values in [{values.min():g},"
+                        f" {values.max():g}], which the Bernoulli likelihood cannot model (it"
+                        f" takes 0/1 values, or probabilities in [0, 1]); pass"
+                        f" --likelihood=gaussian")
   if dataset.vectors and not model_config.standardize and (
       LIKELIHOODS[model_config.likelihood].data == "real"):
     raise ConfigError(f"{dataset.name} holds real-valued vectors: a Gaussian likelihood on them"
@@ -394,7 +426,39 @@ def _resume_or_start(workdir: pathlib.Path, standing: runs.Standing) -> int:
   return first_epoch
 
 
-def _callbacks(workdir: pathlib.Path, extra) -> list[keras.callbacks.Callback]:
+def init_output_bias(vae: VAE, train: data_lib.Split, batch_size: int = 1000) -> None:
+  """Sets the Bernoulli decoder's output bias to logit(mean training pixel), clipped to [0.001,
+  0.999] (Burda et al., 2015), so training starts from the data's marginals.
+
+  Raises:
+    ConfigError: not the Bernoulli likelihood, or a decoder network without a final layer
+      named "likelihood_params" holding that bias.
+  """
+  if vae.model_config.likelihood != "bernoulli":
+    raise ConfigError(f"init_output_bias is for the Bernoulli likelihood, not"
+                      f" {vae.model_config.likelihood}")
+  try:
+    layer = vae.decoder.network.get_layer("likelihood_params")
+  except ValueError:
+    raise ConfigError("init_output_bias needs the decoder's last layer named"
+                      " 'likelihood_params' (tfvae's own networks)") from None
+  total, count = 0.0, 0
+  for batch in train.examples().batch(batch_size).as_numpy_iterator():
+    total = total + data_lib.to_unit_float(batch).numpy().astype(np.float64).sum(axis=0)
+    count += len(batch)
+  mean = np.clip(total / count, 0.001, 0.999)  # [H, W, C]
+  logits = np.log(mean) - np.log1p(-mean)
+  bias = layer.bias
+  if tuple(bias.shape) != (logits.size,):  # a convolution: one bias per channel
+    logits = logits.reshape(-1, bias.shape[0]).mean(axis=0)
+  bias.assign(logits.reshape(bias.shape).astype(np.float32))
+
+
+def _callbacks(workdir: pathlib.Path, train_config: TrainConfig, validation,
+               extra) -> list[keras.callbacks.Callback]:
+  stopping = ([keras.callbacks.EarlyStopping(monitor="val_loss",
+                                             patience=train_config.early_stopping_patience)]
+              if train_config.early_stopping_patience and validation is not None else [])
   return [
       StopOnNonFinite(),
       DiskSpaceCheck(workdir),
@@ -402,6 +466,7 @@ def _callbacks(workdir: pathlib.Path, extra) -> list[keras.callbacks.Callback]:
       AtomicCheckpoint(workdir),
       keras.callbacks.CSVLogger(str(workdir / "metrics.csv"), append=True),
       keras.callbacks.TensorBoard(str(workdir / "logs"), write_graph=False, profile_batch=0),
+      *stopping,
       *(extra or []),
   ]
 
