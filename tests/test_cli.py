@@ -262,3 +262,26 @@ def test_channels_first_npz_fails_before_training(tmp_path):
   assert result.returncode != 0
   lines = result.stderr.strip().splitlines()
   assert "transpose(0, 2, 3, 1)" in lines[-1] and not (tmp_path / "r").exists()
+
+
+def test_every_flagfile_in_configs_gives_valid_configs():
+  script = """
+import pathlib, sys
+from absl import flags
+from tfvae import cli
+cli.define_model_flags(); cli.define_train_flags(); cli.define_output_flags()
+for path in sorted(pathlib.Path("configs").glob("*.flags")):
+  flags.FLAGS.unparse_flags()
+  flags.FLAGS(["train", f"--flagfile={path}"])
+  train = cli.train_config_from_flags()
+  model = cli.model_config_from_flags((28, 28, 1) if "frey" not in path.name else (28, 20, 1))
+  print(path.name, train.epochs, train.lr_schedule, model.objective, model.num_samples)
+"""
+  result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          cwd=ROOT, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+                          timeout=300)
+  assert result.returncode == 0, result.stderr[-2000:]
+  lines = dict(line.split(" ", 1) for line in result.stdout.strip().splitlines())
+  assert lines["burda_vae.flags"] == "3280 burda elbo 1"
+  assert lines["burda_iwae_k50.flags"] == "3280 burda iwae 50"
+  assert lines["burda_vae_30min.flags"] == "500 cosine elbo 1"
