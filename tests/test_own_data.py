@@ -67,7 +67,7 @@ def test_a_folder_without_splits_holds_out_a_fixed_test_fraction(tmp_path):
 
 def test_images_of_two_sizes_need_image_size(tmp_path):
   folder = tmp_path / "mixed"
-  _write_images(folder, np.zeros((3, 8, 8, 3), np.uint8), ".jpg")
+  _write_images(folder, np.zeros((9, 8, 8, 3), np.uint8), ".jpg")  # 10 files: 1 for test
   Image.fromarray(np.zeros((9, 7, 3), np.uint8)).save(folder / "odd.jpg")
   with pytest.raises(data.DataError, match=r"is 8x8 but .*odd\.jpg is 9x7; pass --image_size"):
     data.load(f"folder:{folder}", validation_examples=0)

@@ -17,7 +17,7 @@ import tensorflow_probability as tfp
 
 from tfvae import distributions, networks, objectives
 from tfvae.config import ModelConfig
-from tfvae.data import check_examples, to_unit_float
+from tfvae.data import check_examples, examples_of, moments, to_unit_float
 
 tfd = tfp.distributions
 
@@ -255,24 +255,7 @@ class VAE(keras.Model):
     if not self.model_config.standardize:
       raise ValueError("adapt sets the statistics of standardized features; this model's"
                        " model_config.standardize is False")
-    if isinstance(data, np.ndarray):
-      batches = [data]
-    elif hasattr(data, "examples"):  # a Split
-      batches = data.examples().batch(batch_size).as_numpy_iterator()
-    else:
-      batches = data.as_numpy_iterator()
-    count, total, squares = 0, 0.0, 0.0
-    for batch in batches:
-      if isinstance(batch, (tuple, list)):  # (features, labels)
-        batch = batch[0]
-      batch = np.asarray(to_unit_float(_examples_of(batch)), np.float64)
-      count += len(batch)
-      total = total + batch.sum(axis=0)
-      squares = squares + np.square(batch).sum(axis=0)
-    if count == 0:
-      raise ValueError("adapt got no examples")
-    mean = total / count
-    std = np.sqrt(np.maximum(squares / count - np.square(mean), 0.0))
+    mean, std = moments(data, batch_size)
     std = np.where(std > 1e-6 * np.maximum(1.0, np.abs(mean)), std, 1.0)
     for layer in (self.encoder, self.decoder):
       layer.feature_mean.assign(mean.astype(np.float32))
@@ -306,7 +289,7 @@ class VAE(keras.Model):
   def train_step(self, data):
     """One optimizer step on a batch x [M, H, W, C] (sample weights [M], if any)."""
     x, _, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-    x = _examples_of(x)
+    x = examples_of(x)
     with tf.GradientTape() as tape:
       terms = self.per_example_terms(x, self._train_seed(), training=True)
       loss = _weighted_mean(terms["loss"], sample_weight)
@@ -322,7 +305,7 @@ class VAE(keras.Model):
   def test_step(self, data):
     """Adds a batch x [M, H, W, C] to the metrics."""
     x, _, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-    x = _examples_of(x)
+    x = examples_of(x)
     terms = self.per_example_terms(x, tf.cast(self.seed_generator.next(), tf.int32),
                                    training=False)
     return self._update_metrics(terms, sample_weight)
@@ -378,15 +361,6 @@ def _check_numpy_images(x, source: str) -> None:
   if isinstance(x, np.ndarray):
     check_examples(x, source)
 
-
-def _examples_of(x):
-  """The examples of a batch: x itself, or its "image" entry when x is a dict (as TFDS gives)."""
-  if not isinstance(x, dict):
-    return x
-  if "image" in x:
-    return x["image"]
-  raise ValueError(f"a batch given as a dict needs an 'image' key (got {sorted(x)}); map the"
-                   f" dataset to images, e.g. dataset.map(lambda d: d['pixels'])")
 
 
 def _weighted_mean(values: tf.Tensor, sample_weight) -> tf.Tensor:

@@ -442,11 +442,7 @@ def init_output_bias(vae: VAE, train: data_lib.Split, batch_size: int = 1000) ->
   except ValueError:
     raise ConfigError("init_output_bias needs the decoder's last layer named"
                       " 'likelihood_params' (tfvae's own networks)") from None
-  total, count = 0.0, 0
-  for batch in train.examples().batch(batch_size).as_numpy_iterator():
-    total = total + data_lib.to_unit_float(batch).numpy().astype(np.float64).sum(axis=0)
-    count += len(batch)
-  mean = np.clip(total / count, 0.001, 0.999)  # [H, W, C]
+  mean = np.clip(data_lib.moments(train, batch_size)[0], 0.001, 0.999)  # [H, W, C]
   logits = np.log(mean) - np.log1p(-mean)
   bias = layer.bias
   if tuple(bias.shape) != (logits.size,):  # a convolution: one bias per channel

@@ -17,6 +17,7 @@ from tfvae.data.pipeline import (
     eval_batches,
     eval_head,
     eval_pipeline,
+    moments,
     steps_per_epoch,
     to_unit_float,
     train_pipeline,
@@ -36,13 +37,13 @@ from tfvae.data.sources import (
     with_validation,
 )
 from tfvae.data.splits import ArraySplit, FileSplit, Split, StreamSplit
-from tfvae.data.streams import from_tf_data
+from tfvae.data.streams import examples_of, from_tf_data
 
 __all__ = [
     "SOURCES", "TEST_BINARIZATION_SEED", "ArraySplit", "DataError", "Dataset", "FileSplit",
     "Source", "Split", "StreamSplit", "binarize", "check_examples", "check_images",
     "check_vectors", "default_model_name", "eval_arrays", "eval_batches", "eval_head",
-    "eval_pipeline", "fetch", "from_tf_data", "is_binary", "load", "parse_amat",
-    "parse_frey_face", "parse_idx_images", "resolve_data_dir", "sha256_of", "steps_per_epoch",
-    "to_unit_float", "train_pipeline", "with_validation",
+    "eval_pipeline", "examples_of", "fetch", "from_tf_data", "is_binary", "load", "moments",
+    "parse_amat", "parse_frey_face", "parse_idx_images", "resolve_data_dir", "sha256_of",
+    "steps_per_epoch", "to_unit_float", "train_pipeline", "with_validation",
 ]

@@ -2,7 +2,7 @@
 
 PNG, JPEG, BMP and GIF (its first frame) in any subfolder; class subfolders are ignored. When
 PATH has train/ and test/ subfolders they are the splits (and valid/ or validation/, if there,
-the validation split); otherwise FOLDER_TEST_FRACTION of the images, the same ones for every
+the validation split); otherwise splits.TEST_FRACTION of the images, the same ones for every
 run, are held out as the test split. Only the files' headers are read before training: their
 size and colour mode. Grey folders give 1 channel, folders with an alpha channel (RGBA, grey
 with alpha, or a palette with transparency) 4, others 3 (RGB); each image is converted to that
@@ -16,10 +16,9 @@ import os
 import pathlib
 
 from tfvae.data.checks import DataError
-from tfvae.data.splits import FileSplit
+from tfvae.data.splits import FileSplit, hold_out_test
 
 SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
-FOLDER_TEST_FRACTION = 0.1
 _SPLIT_FOLDERS = {"train": ("train",), "test": ("test",),
                   "validation": ("valid", "validation", "val")}
 _GREY_MODES = ("1", "L", "I", "I;16", "F")
@@ -108,13 +107,9 @@ def load(path: str, image_size: tuple[int, int] | None = None):
     return FileSplit(paths, shape, resize, root)
 
   if "all" in files:
-    everything = split_of(files["all"])
-    test_count = max(1, int(round(everything.count * FOLDER_TEST_FRACTION)))
-    if test_count >= everything.count:
-      raise DataError(f"{root}: {everything.count} images are too few to hold out"
-                      f" {FOLDER_TEST_FRACTION:.0%} as the test split; add images, or"
-                      f" train/ and test/ subfolders")
-    train, test = everything.holdout(test_count)  # by path digest: see FileSplit.holdout
+    # By path digest (FileSplit.holdout).
+    train, test = hold_out_test(split_of(files["all"]), str(root),
+                                "add images, or train/ and test/ subfolders")
     validation = None
   else:
     train, test = split_of(files["train"]), split_of(files["test"])

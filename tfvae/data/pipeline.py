@@ -164,6 +164,36 @@ def _streamed_epoch(split: Split, size, num_batches, dynamic_binarization, paral
   return load_epoch
 
 
+def moments(data, batch_size: int = 1000) -> tuple[np.ndarray, np.ndarray]:
+  """(mean, standard deviation) of each value over the examples, float64, in unit floats
+  (uint8 scaled by 1/255).
+
+  Args:
+    data: an array [N, ...], a Split, or a tf.data.Dataset of batches (of examples,
+      (examples, labels) or dicts with an "image" key).
+
+  Raises:
+    ValueError: no examples.
+  """
+  from tfvae.data.streams import examples_of  # here: streams imports sources, which import us
+  if isinstance(data, np.ndarray):
+    batches = [data]
+  elif isinstance(data, Split):
+    batches = data.examples().batch(batch_size).as_numpy_iterator()
+  else:
+    batches = data.as_numpy_iterator()
+  count, total, squares = 0, 0.0, 0.0
+  for batch in batches:
+    batch = np.asarray(to_unit_float(examples_of(batch)), np.float64)
+    count += len(batch)
+    total = total + batch.sum(axis=0)
+    squares = squares + np.square(batch).sum(axis=0)
+  if count == 0:
+    raise ValueError("no examples to take moments of")
+  mean = total / count
+  return mean, np.sqrt(np.maximum(squares / count - np.square(mean), 0.0))
+
+
 def eval_batches(split: Split | np.ndarray, batch_size: int, bernoulli: bool,
                  binary: bool) -> tf.data.Dataset:
   """A split's fixed evaluation batches, as `eval_arrays` and `eval_pipeline` give them.

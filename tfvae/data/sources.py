@@ -385,11 +385,7 @@ def _load_csv(data_dir, path: str, image_size):
   if image_size is not None:
     raise DataError("--image_size applies to folder: and tfds: images, not to csv: vectors")
   vectors = tabular.read_csv(path, budget=memory_budget())
-  test_count = int(round(len(vectors) * tabular.CSV_TEST_FRACTION))
-  if test_count < 1 or test_count >= len(vectors):
-    raise DataError(f"{path}: {len(vectors)} rows are too few to hold out"
-                    f" {tabular.CSV_TEST_FRACTION:.0%} as the test split; use at least 10")
-  train, test = splits.ArraySplit(vectors).holdout(test_count)
+  train, test = splits.hold_out_test(splits.ArraySplit(vectors), path, "use at least 10 rows")
   return Dataset(f"csv:{path}", train, test, binary=is_binary(vectors))
 
 

@@ -217,6 +217,22 @@ class StreamSplit(Split):
       digest.update(np.ascontiguousarray(example).data)
 
 
+TEST_FRACTION = 0.1  # held out as the test split where a source has none
+
+
+def hold_out_test(split: Split, name: str, fix: str) -> tuple[Split, Split]:
+  """(train, test): TEST_FRACTION of split's examples held out as test, by `Split.holdout`.
+
+  Raises:
+    DataError: too few examples to hold out at least one and keep one; `fix` says what to do.
+  """
+  count = int(round(split.count * TEST_FRACTION))
+  if count < 1 or count >= split.count:
+    raise DataError(f"{name}: {split.count} examples are too few to hold out"
+                    f" {TEST_FRACTION:.0%} as the test split; {fix}")
+  return split.holdout(count)
+
+
 def as_split(x) -> Split:
   """A Split as it is, or a numpy array wrapped in one."""
   return x if isinstance(x, Split) else ArraySplit(np.asarray(x))

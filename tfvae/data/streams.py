@@ -6,14 +6,16 @@ import tensorflow as tf
 from absl import logging
 
 from tfvae.data.checks import CHANNELS, DataError, check_images, check_vectors
-from tfvae.data.splits import StreamSplit
-
-STREAM_TEST_FRACTION = 0.1
+from tfvae.data.splits import StreamSplit, hold_out_test
 
 
-def _examples(*element):
-  """An element's images: itself, the first of (images, labels, ...), or a dict's "image"."""
-  element = element[0] if len(element) == 1 else element
+def examples_of(element):
+  """An element's (or a batch's) examples: itself, the first of (images, labels, ...), or a
+  dict's "image" entry, as TFDS gives them.
+
+  Raises:
+    DataError: a dict without an "image" key.
+  """
   if isinstance(element, dict):
     if "image" not in element:
       raise DataError(f"a dataset of dicts needs an 'image' key (got {sorted(element)}); map it"
@@ -22,6 +24,11 @@ def _examples(*element):
   if isinstance(element, (tuple, list)):
     return element[0]
   return element
+
+
+def _examples(*element):
+  """examples_of for Dataset.map, which passes a tuple element's parts as arguments."""
+  return examples_of(element[0] if len(element) == 1 else element)
 
 
 def _is_batched(shape: tf.TensorShape) -> bool:
@@ -96,7 +103,7 @@ def from_tf_data(train: tf.data.Dataset, test: tf.data.Dataset | None = None,
 
   Args:
     train: the training examples, one pass.
-    test: the test examples; None holds out the first STREAM_TEST_FRACTION of train.
+    test: the test examples; None holds out the first splits.TEST_FRACTION of train.
     name: the dataset's name in logs and results.
     binary: every value is 0 or 1 already (no binarization for the Bernoulli likelihood).
     batched: whether the elements are batches; None tells from their shape.
@@ -107,14 +114,8 @@ def from_tf_data(train: tf.data.Dataset, test: tf.data.Dataset | None = None,
   from tfvae.data.sources import Dataset  # here: sources imports this module's package
 
   split = _counted(_single_examples(train, batched), name)
-  examples = split.examples()
-  if test is None:
-    test_count = max(1, int(round(split.count * STREAM_TEST_FRACTION)))
-    if test_count >= split.count:
-      raise DataError(f"{name}: {split.count} examples are too few to hold out a test split;"
-                      f" pass test=")
-    test_split = StreamSplit(examples.take(test_count), test_count)
-    split = StreamSplit(examples.skip(test_count), split.count - test_count)
+  if test is None:  # the first examples (StreamSplit.holdout)
+    split, test_split = hold_out_test(split, name, "pass test=")
   else:
     test_split = _counted(_single_examples(test, batched), f"{name} test")
     if test_split.shape != split.shape:

@@ -9,7 +9,6 @@ import numpy as np
 
 from tfvae.data.checks import DataError, check_vectors
 
-CSV_TEST_FRACTION = 0.1
 # A float32 value takes 4 bytes in memory and at least 2 in a csv ("0,"): the array is at most
 # twice the file, and reading it takes a few times that.
 _BYTES_IN_MEMORY_PER_FILE_BYTE = 8

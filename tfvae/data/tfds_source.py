@@ -20,7 +20,6 @@ import tensorflow as tf
 from tfvae.data import splits
 from tfvae.data.checks import CHANNELS, DataError
 
-TEST_FRACTION = 0.1  # of train, held out as test where a dataset has no test split
 VALIDATION_SPLITS = ("validation", "valid", "val")
 
 _VERSION = re.compile(r"(\d+)\.(\d+)\.(\d+)")
@@ -211,11 +210,7 @@ def load(argument: str, data_dir: str | None, image_size: tuple[int, int] | None
   if "test" in found:
     test = _stream(builder, "test", key, shape, resize, scale)
   else:
-    count = int(round(train.count * TEST_FRACTION))
-    if count < 1 or count >= train.count:
-      raise DataError(f"tfds:{argument}: {train.count} training examples are too few to hold"
-                      f" out {TEST_FRACTION:.0%} as the test split; use at least 10")
-    train, test = train.holdout(count)
+    train, test = splits.hold_out_test(train, f"tfds:{argument}", "use at least 10 examples")
   valid_name = next((s for s in VALIDATION_SPLITS if s in found), None)
   validation = (_stream(builder, valid_name, key, shape, resize, scale) if valid_name
                 else None)
