@@ -220,7 +220,7 @@ def _copy_cifar(data_dir, target, per_class_train, per_class_test):
 def test_train_a_colour_folder_with_the_conv_net_at_an_odd_size(data_dir, tmp_path):
   _copy_cifar(data_dir, tmp_path / "cifar small", 40, 6)
   result = _run("train", f"--dataset=folder:{tmp_path / 'cifar small'}", "--image_size=30x30",
-                "--architecture=conv", "--hidden_sizes=16,32", "--likelihood=gaussian",
+                "--architecture=conv", "--conv_channels=8,16", "--likelihood=gaussian",
                 "--latent_size=8", "--epochs=2", "--batch_size=50",
                 f"--export_dir={tmp_path / 'models'}", cwd=tmp_path)
   assert result.returncode == 0, result.stderr[-3000:]

@@ -19,18 +19,24 @@ def test_encoder_and_decoder_return_distributions(small_config, binary_batch):
   assert likelihood.log_prob(binary_batch).shape == [3, 8]
 
 
-@pytest.mark.parametrize("likelihood, scale", [("bernoulli", None), ("gaussian", None),
-                                               ("gaussian_fixed", 0.2)])
+@pytest.mark.parametrize("likelihood, scale, mixture", [
+    ("bernoulli", None, 1), ("gaussian", None, 1), ("gaussian_fixed", 0.2, 1),
+    ("discretized_logistic", None, 1), ("discretized_logistic", None, 3)])
 @pytest.mark.parametrize("architecture", ["mlp", "conv"])
-def test_every_likelihood_and_architecture_builds(likelihood, scale, architecture):
-  config = tfvae.ModelConfig(image_shape=(28, 20, 1), latent_size=2, hidden_sizes=(8, 16),
-                             architecture=architecture, likelihood=likelihood,
-                             observation_scale=scale)
+@pytest.mark.parametrize("channels", [1, 3, 4])
+def test_every_likelihood_and_architecture_builds(likelihood, scale, mixture, architecture,
+                                                  channels):
+  config = tfvae.ModelConfig(image_shape=(27, 21, channels), latent_size=2, hidden_sizes=(8,),
+                             conv_channels=(4, 8, 8), architecture=architecture,
+                             likelihood=likelihood, observation_scale=scale,
+                             mixture_components=mixture)
   vae = tfvae.VAE(config)
-  x = np.random.default_rng(0).random((3, 28, 20, 1)).astype(np.float32)
+  x = np.random.default_rng(0).integers(0, 256, (3, 27, 21, channels)).astype(np.uint8)
   terms = vae.per_example_terms(x, tf.constant([0, 1]))
   assert all(terms[k].shape == [3] and np.all(np.isfinite(terms[k])) for k in terms)
-  assert vae.reconstruct(x).shape == (3, 28, 20, 1)
+  reconstruction = vae.reconstruct(x).numpy()
+  assert reconstruction.shape == (3, 27, 21, channels)
+  assert np.all((reconstruction >= 0) & (reconstruction <= 1))
 
 
 def test_fit_on_real_mnist_lowers_the_loss(mnist_slice):

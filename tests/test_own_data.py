@@ -128,7 +128,7 @@ def test_colour_jpegs_of_odd_size_train_a_conv_net_and_serve(tmp_path):
   _write_images(tmp_path / "photos", images, ".jpg")
   dataset = data.load(f"folder:{tmp_path / 'photos'}")
   assert dataset.image_shape == (30, 30, 3)
-  config = training.model_config_for(dataset, latent_size=4, hidden_sizes=(8, 16),
+  config = training.model_config_for(dataset, latent_size=4, conv_channels=(8, 16),
                                      architecture="conv", likelihood="gaussian")
   result = training.train(config, tfvae.TrainConfig(epochs=1, batch_size=16), tmp_path / "run",
                           dataset=dataset, verbose=0)

@@ -24,8 +24,8 @@ FLAGS = flags.FLAGS
 # --help's sections: flag names in the order shown; the flags are defined below.
 HELP_GROUPS = {
     "data": ["dataset", "data_dir", "image_size", "validation_examples", "max_examples"],
-    "model": ["likelihood", "observation_scale", "latent_size", "hidden_sizes", "architecture",
-              "activation", "num_samples", "objective", "gradient_estimator", "beta"],
+    "model": ["likelihood", "observation_scale", "mixture_components", "latent_size",
+              "hidden_sizes", "architecture", "conv_channels", "activation", "num_samples", "objective", "gradient_estimator", "beta"],
     "training": ["epochs", "batch_size", "optimizer", "learning_rate", "lr_schedule",
                  "adam_epsilon", "weight_decay", "seed", "early_stopping_patience",
                  "init_output_bias", "eval_num_samples"],
@@ -57,10 +57,15 @@ def define_model_flags() -> None:
   flags.DEFINE_float("observation_scale", None, "Pixel standard deviation of a likelihood with"
                      " a fixed scale (gaussian_fixed).")
   flags.DEFINE_integer("latent_size", defaults.latent_size, "Dimension of z.")
+  flags.DEFINE_integer("mixture_components", defaults.mixture_components,
+                       "Logistics per pixel-channel of --likelihood=discretized_logistic.")
   flags.DEFINE_list("hidden_sizes", [str(h) for h in defaults.hidden_sizes],
-                    "Hidden layer widths (mlp) or channels (conv), comma separated.")
+                    "Hidden layer widths of the mlp, comma separated.")
   flags.DEFINE_enum("architecture", defaults.architecture, config.ARCHITECTURES,
-                    "Network family.")
+                    "mlp (the paper's), or conv (a residual network).")
+  flags.DEFINE_list("conv_channels", [str(c) for c in defaults.conv_channels],
+                    "Widths of the conv net's stages, comma separated; each stage after the"
+                    " first halves the height and width.")
   flags.DEFINE_string("activation", defaults.activation, "Keras activation of hidden layers.")
   flags.DEFINE_integer("num_samples", defaults.num_samples,
                        "L, samples of z per example (K for --objective=iwae).")
@@ -153,18 +158,24 @@ def model_config_from_flags(image_shape, standardize: bool = False) -> config.Mo
 
   standardize: the data are real-valued vectors (tfvae.training.model_config_for's rule).
   """
-  try:
-    hidden_sizes = tuple(int(h) for h in FLAGS.hidden_sizes)
-  except ValueError as e:
-    raise config.ConfigError(f"hidden_sizes={','.join(FLAGS.hidden_sizes)} must be integers"
-                             f" separated by commas, e.g. 500 or 512,256") from e
   return config.ModelConfig(
-      image_shape=image_shape, latent_size=FLAGS.latent_size, hidden_sizes=hidden_sizes,
-      architecture=FLAGS.architecture, activation=FLAGS.activation,
+      image_shape=image_shape, latent_size=FLAGS.latent_size,
+      hidden_sizes=_integers("hidden_sizes", "500 or 512,256"), architecture=FLAGS.architecture,
+      conv_channels=_integers("conv_channels", "32,64,128"), activation=FLAGS.activation,
       likelihood=FLAGS.likelihood, observation_scale=FLAGS.observation_scale,
+      mixture_components=FLAGS.mixture_components,
       num_samples=FLAGS.num_samples, objective=FLAGS.objective, beta=FLAGS.beta,
       gradient_estimator=FLAGS.gradient_estimator,
       standardize=standardize and LIKELIHOODS[FLAGS.likelihood].data == "real")
+
+
+def _integers(name: str, example: str) -> tuple[int, ...]:
+  """A comma-list flag as integers; raises ConfigError."""
+  try:
+    return tuple(int(value) for value in FLAGS[name].value)
+  except ValueError as e:
+    raise config.ConfigError(f"{name}={','.join(FLAGS[name].value)} must be integers separated"
+                             f" by commas, e.g. {example}") from e
 
 
 def train_config_from_flags() -> config.TrainConfig:

@@ -52,14 +52,17 @@ class ModelConfig:
     image_shape: (height, width, channels) of one image, or (D,) of one feature vector.
     latent_size: dimension J of z.
     hidden_sizes: widths of the hidden layers of the MLP (encoder order; the decoder mirrors
-      them), or the channel counts of the conv layers.
-    architecture: "mlp" (as in the paper) or "conv".
+      them).
+    architecture: "mlp" (as in the paper) or "conv" (a residual network; tfvae.networks).
+    conv_channels: the conv net's widths, one stage each (encoder order; the decoder mirrors
+      them); each stage after the first halves the height and width.
     activation: any Keras activation name for the hidden layers (the paper used tanh; relu
       reaches a better bound in the same time with Adam).
     likelihood: a name in tfvae.distributions.LIKELIHOODS: "bernoulli" (binary pixels, from
       logits), "gaussian" (learned per-pixel scale, paper appendix C) or "gaussian_fixed"
-      (scale = observation_scale).
+      (scale = observation_scale), or "discretized_logistic" (8-bit pixels).
     observation_scale: the fixed pixel standard deviation of "gaussian_fixed".
+    mixture_components: logistics in each pixel-channel's mixture (discretized_logistic).
     num_samples: L, the Monte Carlo samples of z per example (K for the IWAE bound).
     objective: "elbo" (Kingma & Welling, eq. 10) or "iwae" (Burda et al., 2015).
     beta: weight of the KL term in the training loss; 1 is the ELBO, 0 an auto-encoder.
@@ -77,6 +80,8 @@ class ModelConfig:
   activation: str = "relu"
   likelihood: str = "bernoulli"
   observation_scale: float | None = None
+  conv_channels: tuple[int, ...] = (32, 64, 128)
+  mixture_components: int = 1
   num_samples: int = 1
   objective: str = "elbo"
   beta: float = 1.0
@@ -87,6 +92,7 @@ class ModelConfig:
     # Normalize sequences so configs from JSON (lists) compare equal to configs from code.
     object.__setattr__(self, "image_shape", tuple(int(d) for d in self.image_shape))
     object.__setattr__(self, "hidden_sizes", tuple(int(h) for h in self.hidden_sizes))
+    object.__setattr__(self, "conv_channels", tuple(int(c) for c in self.conv_channels))
     require(len(self.image_shape) in (1, 3) and all(d > 0 for d in self.image_shape),
             f"image_shape={self.image_shape} must be (height, width, channels) or (D,) for"
             f" vectors, all positive")
@@ -95,6 +101,9 @@ class ModelConfig:
     require(len(self.hidden_sizes) >= 1 and all(h >= 1 for h in self.hidden_sizes),
             f"hidden_sizes={self.hidden_sizes} needs at least one positive width, e.g. 500")
     _one_of("architecture", self.architecture, ARCHITECTURES)
+    require(len(self.conv_channels) >= 1 and all(c >= 1 for c in self.conv_channels),
+            f"conv_channels={self.conv_channels} needs at least one positive width, e.g."
+            f" 32,64,128")
     _require_activation(self.activation)
     _one_of("likelihood", self.likelihood, LIKELIHOODS)
     _one_of("objective", self.objective, OBJECTIVES)
@@ -115,6 +124,11 @@ class ModelConfig:
                f"observation_scale is only used by a likelihood with a fixed scale"
                f" (gaussian_fixed), not {self.likelihood}; drop --observation_scale or pass"
                f" --likelihood=gaussian_fixed")
+    require(self.mixture_components >= 1,
+            f"mixture_components={self.mixture_components} must be at least 1")
+    require(self.mixture_components == 1 or LIKELIHOODS[self.likelihood].mixture,
+            f"mixture_components={self.mixture_components} is for a mixture likelihood"
+            f" (discretized_logistic), not {self.likelihood}; drop --mixture_components")
     _one_of("gradient_estimator", self.gradient_estimator, GRADIENT_ESTIMATORS)
     require(self.gradient_estimator != "dreg" or self.objective == "iwae",
             "gradient_estimator=dreg is for the IWAE bound; pass --objective=iwae"
@@ -122,6 +136,9 @@ class ModelConfig:
     require(not self.standardize or LIKELIHOODS[self.likelihood].data == "real",
             f"standardized features need a likelihood of real values (gaussian or"
             f" gaussian_fixed), not {self.likelihood}")
+    require(LIKELIHOODS[self.likelihood].data != "8-bit" or len(self.image_shape) == 3,
+            f"likelihood={self.likelihood} models 8-bit pixels, not vectors"
+            f" {self.image_shape}; use --likelihood=gaussian")
     if self.architecture == "conv":
       require(len(self.image_shape) == 3,
               f"architecture=conv takes images, not vectors {self.image_shape}; use"
@@ -132,6 +149,7 @@ class ModelConfig:
     values = dataclasses.asdict(self)
     values["image_shape"] = list(self.image_shape)
     values["hidden_sizes"] = list(self.hidden_sizes)
+    values["conv_channels"] = list(self.conv_channels)
     return values
 
   @property

@@ -139,6 +139,112 @@ def _gaussian_fixed(params: tf.Tensor, observation_scale: float | None, event_nd
   return _normal(params, scale, event_ndims, standardization)
 
 
+# 8-bit pixels in [0, 1] take the values k / LEVELS_MINUS_ONE, k = 0..255.
+LEVELS_MINUS_ONE = 255
+
+
+class DiscretizedLogistic(tfd.Distribution):
+  """A mixture of logistics discretized to the 256 levels of 8-bit pixels in [0, 1].
+
+  Mathematical details: a value x in [0, 1] stands for the level k = round(255 x); with the
+  logistic CDF F_m(t) = sigmoid((t - loc_m) / scale_m) and h = 1/510 (half a level),
+
+    P(k) = sum_m pi_m [F_m(k/255 + h) - F_m(k/255 - h)],
+
+  where the first level takes all mass below it (F_m(-h) := 0) and the last all mass above it
+  (F_m(1 + h) := 1), so the 256 probabilities sum to 1 (Salimans et al., 2017, PixelCNN++;
+  Kingma et al., 2016, IAF). In logits, with a = (k/255 + h - loc) / s and b = a - 1/(255 s):
+
+    log [sigmoid(a) - sigmoid(b)] = -softplus(-a) - softplus(b) + log(1 - exp(b - a)),
+
+  finite for every finite loc and s, with no difference of rounded probabilities.
+
+  Batch shape is loc's without its last axis (the M mixture components); event shape [].
+  """
+
+  def __init__(self, loc, scale, mixture_logits=None, validate_args=False, allow_nan_stats=True,
+               name="DiscretizedLogistic"):
+    """Args: loc, scale [..., M]; mixture_logits [..., M] or None (one component)."""
+    parameters = dict(locals())
+    self._loc = tf.convert_to_tensor(loc)
+    self._scale = tf.convert_to_tensor(scale)
+    self._mixture_logits = (None if mixture_logits is None
+                            else tf.convert_to_tensor(mixture_logits))
+    super().__init__(dtype=self._loc.dtype, reparameterization_type=tfd.NOT_REPARAMETERIZED,
+                     validate_args=validate_args, allow_nan_stats=allow_nan_stats,
+                     parameters=parameters, name=name)
+
+  @classmethod
+  def _parameter_properties(cls, dtype, num_classes=None):
+    return dict(loc=tfp.util.ParameterProperties(event_ndims=1),
+                scale=tfp.util.ParameterProperties(event_ndims=1),
+                mixture_logits=tfp.util.ParameterProperties(event_ndims=1))
+
+  def _batch_shape(self):
+    return self._loc.shape[:-1]
+
+  def _batch_shape_tensor(self):
+    return tf.shape(self._loc)[:-1]
+
+  def _event_shape(self):
+    return tf.TensorShape([])
+
+  def _event_shape_tensor(self):
+    return tf.constant([], tf.int32)
+
+  def _log_mixture_weights(self):
+    if self._mixture_logits is None:
+      return tf.zeros_like(self._loc)
+    return tf.nn.log_softmax(self._mixture_logits, axis=-1)
+
+  def _log_prob(self, x):
+    level = tf.clip_by_value(tf.round(tf.cast(x, self.dtype) * LEVELS_MINUS_ONE), 0.,
+                             LEVELS_MINUS_ONE)[..., tf.newaxis]  # [..., 1]
+    upper = (level + 0.5) / LEVELS_MINUS_ONE
+    a = (upper - self._loc) / self._scale  # [..., M]
+    width = 1. / (LEVELS_MINUS_ONE * self._scale)  # a - b
+    first, last = level == 0., level == LEVELS_MINUS_ONE
+    # The edge levels drop the CDF term their open bin does not have.
+    log_upper = tf.where(last, tf.zeros_like(a), -tf.nn.softplus(-a))
+    log_lower = tf.where(first, tf.zeros_like(a), -tf.nn.softplus(a - width))
+    log_gap = tf.where(first | last, tf.zeros_like(a), tfp.math.log1mexp(width))
+    return tf.reduce_logsumexp(self._log_mixture_weights() + log_upper + log_lower + log_gap,
+                               axis=-1)
+
+  def _mean(self):
+    # E[k] = sum_{j=1..255} P(k >= j) = sum_j 1 - F((j - 1/2) / 255).
+    thresholds = (tf.range(LEVELS_MINUS_ONE, dtype=self.dtype) + 0.5) / LEVELS_MINUS_ONE
+    below = tf.foldl(lambda total, t: total + tf.sigmoid((t - self._loc) / self._scale),
+                     thresholds, initializer=tf.zeros_like(self._loc))  # [..., M]
+    component_means = 1. - below / LEVELS_MINUS_ONE
+    return tf.reduce_sum(tf.exp(self._log_mixture_weights()) * component_means, axis=-1)
+
+  def _sample_n(self, n, seed=None):
+    component_seed, noise_seed = tfp.random.split_seed(seed, n=2)
+    shape = tf.concat([[n], tf.shape(self._loc)], axis=0)  # [n, ..., M]
+    u = tf.random.stateless_uniform(shape, noise_seed, minval=1e-6, maxval=1. - 1e-6,
+                                    dtype=self.dtype)
+    values = self._loc + self._scale * (tf.math.log(u) - tf.math.log1p(-u))  # [n, ..., M]
+    if self._mixture_logits is not None:
+      chosen = tfd.Categorical(logits=self._mixture_logits).sample(n, seed=component_seed)
+      values = tf.gather(values, chosen[..., tf.newaxis], axis=-1, batch_dims=tf.rank(chosen))
+    levels = tf.round(tf.clip_by_value(values[..., 0], 0., 1.) * LEVELS_MINUS_ONE)
+    return levels / LEVELS_MINUS_ONE
+
+
+def _discretized_logistic(params: tf.Tensor, observation_scale: float | None, event_ndims: int,
+                          standardization, mixture_components: int = 1) -> tfd.Distribution:
+  del observation_scale, standardization  # Learned per value; 8-bit images have no statistics.
+  parts = 2 if mixture_components == 1 else 3
+  # [..., C * k] -> parts of [..., C, M]: locations, scales, then the mixture's logits.
+  shape = tf.concat([tf.shape(params)[:-1], [-1, mixture_components]], axis=0)
+  raw = [tf.reshape(part, shape) for part in tf.split(params, parts, axis=-1)]
+  return tfd.Independent(
+      DiscretizedLogistic(loc=0.5 + raw[0], scale=positive_scale(raw[1]),
+                          mixture_logits=raw[2] if parts == 3 else None),
+      reinterpreted_batch_ndims=event_ndims)
+
+
 @dataclasses.dataclass(frozen=True)
 class Likelihood:
   """One likelihood p(x|z): what config validation, the CLI, the networks and the data read.
@@ -149,8 +255,11 @@ class Likelihood:
     build: (params [..., H, W, C * k], observation_scale, event_ndims, standardization) -> a
       distribution with event shape [H, W, C] (or [D] for vectors, params [..., D * k]);
       standardization is None, or the (mean, std) of standardized features.
-    data: what it models: "binary" (grey levels are binarized for it), "8-bit" or "real".
+    data: what it models: "binary" (grey levels are binarized for it), "8-bit" (levels
+      k / 255 of 8-bit images) or "real".
     fixed_scale: whether it takes --observation_scale.
+    mixture: whether it takes --mixture_components M (then 3 M raw outputs per value for
+      M > 1: locations, scales, logits).
     summary: one line for --help.
   """
 
@@ -159,6 +268,7 @@ class Likelihood:
   build: Callable[..., tfd.Distribution]
   data: str
   fixed_scale: bool = False
+  mixture: bool = False
   summary: str = ""
 
 
@@ -169,21 +279,30 @@ LIKELIHOODS = {record.name: record for record in (
                summary="grey levels in [0, 1] or real features, learned per-value scale"),
     Likelihood("gaussian_fixed", 1, _gaussian_fixed, "real", fixed_scale=True,
                summary="grey levels in [0, 1] or real features, scale --observation_scale"),
+    Likelihood("discretized_logistic", 2, _discretized_logistic, "8-bit", mixture=True,
+               summary="8-bit pixels, a mixture of --mixture_components logistics"),
 )}
 
 
-def params_per_pixel(likelihood: str) -> int:
+def params_per_pixel(likelihood: str, mixture_components: int = 1) -> int:
   """How many raw decoder outputs each pixel-channel needs for `likelihood`."""
-  return LIKELIHOODS[likelihood].params_per_value
+  record = LIKELIHOODS[likelihood]
+  if record.mixture and mixture_components > 1:
+    return 3 * mixture_components
+  return record.params_per_value
 
 
 def make_likelihood(likelihood: str, params: tf.Tensor, observation_scale: float | None = None,
-                    event_ndims: int = 3, standardization=None) -> tfd.Distribution:
+                    event_ndims: int = 3, standardization=None,
+                    mixture_components: int = 1) -> tfd.Distribution:
   """p(x|z) from raw decoder outputs [..., H, W, C * k] (event shape [H, W, C]), or [..., D * k]
   (event shape [D], event_ndims 1).
 
   Args:
     standardization: None, or (mean [D], std [D]) of standardized features: the decoder's
       outputs are in standardized units, the distribution is of raw values.
+    mixture_components: M of a likelihood with a mixture (discretized_logistic).
   """
-  return LIKELIHOODS[likelihood].build(params, observation_scale, event_ndims, standardization)
+  record = LIKELIHOODS[likelihood]
+  extra = {"mixture_components": mixture_components} if record.mixture else {}
+  return record.build(params, observation_scale, event_ndims, standardization, **extra)

@@ -100,13 +100,15 @@ def evaluate(vae, x: np.ndarray, num_samples: int, seed: int = 0, batch_size: in
 
 
 def bits_per_dim_kind(model_config) -> str | None:
-  """How bits/dim is defined for a model: "discrete" (-log2 p(x) / D, for the Bernoulli),
-  "dequantized" (a density on 8-bit images in [0, 1]; tfvae.objectives.bits_per_dim), or None
-  for standardized real features, where no quantization makes it a code length."""
+  """How bits/dim is defined for a model: "discrete" (-log2 p(x) / D, for the Bernoulli and the
+  discretized logistic), "dequantized" (a density on 8-bit images in [0, 1];
+  tfvae.objectives.bits_per_dim), or None for standardized real features, where no
+  quantization makes it a code length."""
   from tfvae.distributions import LIKELIHOODS  # here: distributions imports no evaluation
   if model_config.standardize:
     return None
-  return "discrete" if LIKELIHOODS[model_config.likelihood].data == "binary" else "dequantized"
+  discrete = LIKELIHOODS[model_config.likelihood].data in ("binary", "8-bit")
+  return "discrete" if discrete else "dequantized"
 
 
 def evaluate_saved_model(path, x: np.ndarray, num_samples: int, seed: int = 0,

@@ -52,6 +52,10 @@ from tfvae.data import to_unit_float as _to_unit_float
 
 STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
 
+# Work per call into the graph: about a second on a 2-core CPU; 100 times it with an
+# accelerator.
+FLOPS_PER_CALL = 1e11
+
 
 def available_cores() -> int:
   """The CPU cores this process may run on (its affinity; all of the machine's elsewhere)."""
@@ -147,8 +151,12 @@ class Runtime:
     with strategy.scope(), dtype_policy(self.mixed_precision):
       yield
 
-  def steps_per_call(self, steps_per_epoch: int) -> int:
+  def steps_per_call(self, steps_per_epoch: int, step_flops: float | None = None) -> int:
     """Training steps per graph call for epochs of steps_per_epoch steps.
+
+    step_flops, a training step's floating-point operations (tfvae.networks.training_flops),
+    caps the steps so that a call does about FLOPS_PER_CALL of work, about a second here:
+    Ctrl-C and the progress bar wait for the call in flight.
 
     Without a strategy: up to steps_per_execution, the epoch's last call taking what is left.
     Under mirrored and multi_worker, the batches come from one endless stream, so a call must
@@ -157,6 +165,9 @@ class Runtime:
     untested with tfvae).
     """
     limit = min(self.steps_per_execution, steps_per_epoch)
+    if step_flops:
+      budget = FLOPS_PER_CALL * (100 if _has_accelerator() else 1)
+      limit = max(1, min(limit, int(budget // step_flops)))
     if self.strategy == "default":
       return limit
     if self.strategy == "tpu":
@@ -173,8 +184,10 @@ class Runtime:
     return divisor
 
   def training_stream(self, images, batch_size: int, seed: int, dynamic_binarization: bool,
-                      strategy: tf.distribute.Strategy, first_epoch: int = 0):
-    """tfvae.data.train_pipeline as this runtime feeds it, and the steps per graph call.
+                      strategy: tf.distribute.Strategy, first_epoch: int = 0,
+                      step_flops: float | None = None):
+    """tfvae.data.train_pipeline as this runtime feeds it, and the steps per graph call
+    (`steps_per_call`, step_flops the cost of one step).
 
     Returns:
       (dataset, steps_per_call): without a strategy, blocks [K, M, H, W, C] of K =
@@ -183,7 +196,7 @@ class Runtime:
       replicas, batches. Pass steps_per_call to `attach` and the epoch's steps to fit.
     """
     steps = steps_per_epoch(len(images), batch_size)
-    steps_per_call = self.steps_per_call(steps)
+    steps_per_call = self.steps_per_call(steps, step_flops)
     blocks = self.strategy == "default" and steps_per_call > 1
     # A static block size where it divides the epoch lets TensorFlow plan the loop once.
     whole = steps % steps_per_call == 0

@@ -27,7 +27,7 @@ import tensorflow as tf
 from absl import logging
 
 from tfvae import data as data_lib
-from tfvae import evaluation, plots, runs
+from tfvae import evaluation, networks, plots, runs
 from tfvae.config import ConfigError, ModelConfig, TrainConfig
 from tfvae.distributions import LIKELIHOODS
 from tfvae.files import atomic_path, write_json
@@ -342,9 +342,13 @@ class _Feeds:
   def of(cls, dataset, model_config, train_config, runtime, strategy, first_epoch) -> _Feeds:
     binary_likelihood = LIKELIHOODS[model_config.likelihood].data == "binary"
     binarize = binary_likelihood and not dataset.binary
+    step_flops = networks.training_flops(
+        model_config, networks.build_encoder_network(model_config),
+        networks.build_decoder_network(model_config), train_config.batch_size)
     train, steps_per_call = runtime.training_stream(
         dataset.train, train_config.batch_size, train_config.seed,
-        dynamic_binarization=binarize, strategy=strategy, first_epoch=first_epoch)
+        dynamic_binarization=binarize, strategy=strategy, first_epoch=first_epoch,
+        step_flops=step_flops)
 
     def fixed(split):
       return data_lib.eval_batches(split, train_config.batch_size, binary_likelihood,
