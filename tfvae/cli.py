@@ -25,7 +25,8 @@ FLAGS = flags.FLAGS
 HELP_GROUPS = {
     "data": ["dataset", "data_dir", "image_size", "validation_examples", "max_examples"],
     "model": ["likelihood", "observation_scale", "mixture_components", "latent_size",
-              "hidden_sizes", "architecture", "conv_channels", "activation", "num_samples", "objective", "gradient_estimator", "beta"],
+              "hidden_sizes", "architecture", "conv_channels", "activation", "num_samples",
+              "objective", "gradient_estimator", "beta"],
     "training": ["epochs", "batch_size", "optimizer", "learning_rate", "lr_schedule",
                  "adam_epsilon", "weight_decay", "seed", "early_stopping_patience",
                  "init_output_bias", "eval_num_samples"],
