@@ -67,3 +67,19 @@ def toy_dataset():
     return data.Dataset("npz:toy", rng.integers(0, 256, (num_train, 8, 8, 1), dtype=np.uint8),
                         rng.integers(0, 256, (num_test, 8, 8, 1), dtype=np.uint8), False)
   return make
+
+
+@pytest.fixture(scope="session")
+def cifar_jpegs(data_dir):
+  """(train [2000, 32, 32, 3], test [200, 32, 32, 3]) uint8: real CIFAR-10 JPEGs of every class,
+  decoded with PIL."""
+  from PIL import Image
+  folder = data_dir / "cifar10-jpeg"
+  if not folder.is_dir():
+    pytest.skip(f"no {folder}")
+
+  def decode(split, per_class):
+    paths = [path for klass in sorted((folder / split).iterdir())
+             for path in sorted(klass.glob("*.jpg"))[:per_class]]
+    return np.stack([np.asarray(Image.open(path).convert("RGB")) for path in paths])
+  return decode("train", 200), decode("test", 20)

@@ -53,7 +53,7 @@ def build_encoder_network(config: ModelConfig) -> keras.Model:
   mlp: Flatten, then Dense(h) for h in hidden_sizes (Kingma & Welling, appendix C.2).
   conv: a 3x3 convolution to conv_channels[0], then one residual block per stage, each stage
     after the first entered by a stride-2 3x3 convolution to its width (H, W -> ceil(H/2),
-    ceil(W/2)); group normalization, Flatten.
+    ceil(W/2)), group normalization inside the blocks' branches; Flatten.
   """
   x = keras.Input(shape=config.image_shape, name="x")
   if config.architecture == "mlp":
@@ -67,7 +67,10 @@ def build_encoder_network(config: ModelConfig) -> keras.Model:
       h = keras.layers.Conv2D(channels, 3, strides=2, padding="same",
                               name=f"encoder_down_{i}")(h)
     h = _residual_block(h, config, f"encoder_block_{i}")
-  h = keras.layers.Flatten(name="flatten")(_norm_act(h, config, "encoder_out"))
+  # Normalized only inside the residual branches: a per-example normalization here would
+  # remove each image's mean colour and contrast.
+  h = keras.layers.Activation(config.activation, name="encoder_out_act")(h)
+  h = keras.layers.Flatten(name="flatten")(h)
   params = keras.layers.Dense(2 * config.latent_size, name="posterior_params")(h)
   return keras.Model(x, params, name="encoder_network")
 
@@ -109,7 +112,7 @@ def build_decoder_network(config: ModelConfig) -> keras.Model:
     h = keras.layers.Cropping2D(((extra_rows // 2, extra_rows - extra_rows // 2),
                                  (extra_columns // 2, extra_columns - extra_columns // 2)),
                                 name="crop")(h)
-  h = _norm_act(h, config, "decoder_out")
+  h = keras.layers.Activation(config.activation, name="decoder_out_act")(h)
   params = keras.layers.Conv2D(out_channels, 3, padding="same", name="likelihood_params")(h)
   return keras.Model(z, params, name="decoder_network")
 
