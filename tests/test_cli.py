@@ -219,8 +219,10 @@ def _copy_cifar(data_dir, target, per_class_train, per_class_test):
 @pytest.mark.slow
 def test_train_a_colour_folder_with_the_conv_net_at_an_odd_size(data_dir, tmp_path):
   _copy_cifar(data_dir, tmp_path / "cifar small", 40, 6)
+  # Three stages stride by 4, which 30 is not a multiple of.
   result = _run("train", f"--dataset=folder:{tmp_path / 'cifar small'}", "--image_size=30x30",
-                "--architecture=conv", "--conv_channels=8,16", "--likelihood=gaussian",
+                "--architecture=conv", "--conv_channels=8,16,16",
+                "--likelihood=discretized_logistic", "--mixture_components=2",
                 "--latent_size=8", "--epochs=2", "--batch_size=50",
                 f"--export_dir={tmp_path / 'models'}", cwd=tmp_path)
   assert result.returncode == 0, result.stderr[-3000:]
@@ -228,14 +230,26 @@ def test_train_a_colour_folder_with_the_conv_net_at_an_odd_size(data_dir, tmp_pa
   assert len(names) == 1 and names[0].startswith("cifar_small_") and names[0].endswith("_vae")
   assert (tmp_path / "runs" / names[0] / "reconstructions.png").is_file()
   import tensorflow as tf
+  from PIL import Image
   served = tf.saved_model.load(str(tmp_path / "models" / names[0] / "1")).signatures
   x = tf.random.stateless_uniform([2, 30, 30, 3], seed=[0, 1])
   assert served["reconstruct"](x=x)["reconstruction"].shape == (2, 30, 30, 3)
+  # The export's log_likelihood of test JPEGs decoded here: nats of the 8-bit values.
+  paths = sorted((tmp_path / "cifar small" / "test").glob("*/*.jpg"))[:8]
+  pixels = np.stack([np.asarray(Image.open(path).convert("RGB").resize((30, 30),
+                                                                       Image.BILINEAR))
+                     for path in paths]) / 255.0
+  log_p = served["log_likelihood"](x=tf.constant(pixels, tf.float32),
+                                   num_samples=tf.constant(5), seed=tf.constant(0, tf.int64))
+  bits_per_dim = -log_p["log_likelihood"].numpy() / (30 * 30 * 3 * np.log(2))
+  assert np.all((bits_per_dim > 0) & (bits_per_dim < 8)), bits_per_dim
   scored = _run("evaluate", f"--model={tmp_path / 'models' / names[0] / '1'}",
                 f"--dataset=folder:{tmp_path / 'cifar small'}", "--image_size=30x30",
                 "--num_samples=5")
   assert scored.returncode == 0, scored.stderr[-3000:]
-  assert json.loads(scored.stdout)["num_examples"] == 60
+  report = json.loads(scored.stdout)
+  assert report["num_examples"] == 60 and report["bits_per_dim_of"].endswith("discrete")
+  assert 0 < report["bits_per_dim"] < 8
 
 
 def test_train_vectors_from_an_npz_and_serve_raw_rows(tmp_path):

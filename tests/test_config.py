@@ -14,6 +14,9 @@ def test_dict_round_trip_is_equal():
   config = ModelConfig(image_shape=(28, 20, 1), latent_size=2, hidden_sizes=(200, 100),
                        likelihood="gaussian_fixed", observation_scale=0.1)
   assert ModelConfig.from_dict(config.to_dict()) == config
+  conv = ModelConfig(image_shape=(32, 32, 3), architecture="conv", conv_channels=[8, 16],
+                     likelihood="discretized_logistic", mixture_components=3)
+  assert ModelConfig.from_dict(conv.to_dict()) == conv and conv.conv_channels == (8, 16)
 
 
 @pytest.mark.parametrize("kwargs, phrase", [
@@ -28,6 +31,10 @@ def test_dict_round_trip_is_equal():
     ({"hidden_sizes": ()}, "at least one positive width"),
     ({"architecture": "conv", "image_shape": (30,)}, "takes images, not vectors"),
     ({"standardize": True}, "standardized features need a likelihood of real values"),
+    ({"conv_channels": (16, 0)}, "conv_channels=\\(16, 0\\) needs at least one positive"),
+    ({"mixture_components": 0}, "mixture_components=0 must be at least 1"),
+    ({"mixture_components": 5}, "is for a mixture likelihood .* not bernoulli"),
+    ({"likelihood": "discretized_logistic", "image_shape": (30,)}, "8-bit pixels, not vectors"),
 ])
 def test_impossible_model_configs_fail_with_one_line(kwargs, phrase):
   with pytest.raises(ConfigError, match=phrase) as error:

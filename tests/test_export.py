@@ -281,3 +281,22 @@ def test_exports_get_the_modes_of_the_umask_and_another_user_can_load_them(train
     assert out["private"] != "loaded"  # the umask said private: uid 65534 is refused
   finally:
     shutil.rmtree(root, ignore_errors=True)
+
+
+def test_exported_discretized_logistic_gives_probabilities_of_the_256_levels(tmp_path):
+  # A one-pixel model: the served log_likelihood of every 8-bit value estimates its probability,
+  # unbiased in p, so the 256 estimates sum to 1 within Monte Carlo error.
+  tf.keras.utils.set_random_seed(3)
+  vae = tfvae.VAE(tfvae.ModelConfig(image_shape=(1, 1, 1), latent_size=2, hidden_sizes=(8,),
+                                    likelihood="discretized_logistic", mixture_components=2))
+  x = np.random.default_rng(1).integers(90, 170, (200, 1, 1, 1)).astype(np.uint8)
+  vae.compile(optimizer=tf.keras.optimizers.Adam(1e-2))
+  vae.fit(x, epochs=3, batch_size=20, verbose=0)
+  path = export.export(vae, tmp_path, "pixel")
+  served = tf.saved_model.load(str(path)).signatures["log_likelihood"]
+  levels = (np.arange(256, dtype=np.float32) / 255).reshape(256, 1, 1, 1)
+  log_p = served(x=tf.constant(levels), num_samples=tf.constant(2000),
+                 seed=tf.constant(5, tf.int64))["log_likelihood"].numpy()
+  assert np.all(log_p <= 0)  # log-probabilities of discrete values, not densities
+  np.testing.assert_allclose(np.exp(log_p).sum(), 1.0, atol=0.02)
+  assert np.exp(log_p[90:170]).sum() > 0.5  # and the mass sits where the data were

@@ -94,6 +94,32 @@ def test_attach_leaves_a_plain_model(mnist_slice, tmp_path):
     assert knob not in saved
 
 
+def test_steps_per_call_is_capped_by_a_steps_work():
+  flops_per_call = tfvae.runtime.FLOPS_PER_CALL
+  assert tfvae.Runtime().steps_per_call(469, step_flops=flops_per_call / 3.5) == 3
+  assert tfvae.Runtime().steps_per_call(469, step_flops=10 * flops_per_call) == 1
+  assert tfvae.Runtime().steps_per_call(469, step_flops=flops_per_call / 1000) == 100
+  # The paper's MLP at batch 100 keeps 100 steps a call; the CIFAR conv net gets 1.
+  def steps(config, batch_size):
+    flops = tfvae.networks.training_flops(config, tfvae.networks.build_encoder_network(config),
+                                          tfvae.networks.build_decoder_network(config),
+                                          batch_size)
+    return tfvae.Runtime().steps_per_call(500, step_flops=flops)
+  assert steps(tfvae.ModelConfig(), 100) == 100
+  assert steps(tfvae.ModelConfig(image_shape=(32, 32, 3), architecture="conv",
+                                 likelihood="discretized_logistic"), 100) == 1
+
+
+def test_multiply_adds_count_dense_and_convolution_layers():
+  network = keras.Sequential([keras.Input((8, 6, 3)),
+                              keras.layers.Conv2D(4, 3, padding="same"),  # 8*6 * 3*3*3*4
+                              keras.layers.Conv2D(5, 3, strides=2, padding="same"),  # 4*3 * 9*4*5
+                              keras.layers.Conv2DTranspose(2, 3, strides=2, padding="same"),
+                              keras.layers.Flatten(), keras.layers.Dense(7)])
+  expected = 48 * 108 + 12 * 180 + 12 * 9 * 5 * 2 + (8 * 6 * 2) * 7
+  assert tfvae.networks.multiply_adds(network) == expected
+
+
 def test_steps_per_call(caplog):
   assert tfvae.Runtime().steps_per_call(469) == 100  # the epoch's last block holds 69
   assert tfvae.Runtime().steps_per_call(17) == 17
