@@ -1,5 +1,7 @@
 """tfvae.training.train: the run's bookkeeping."""
 
+import json
+
 import keras
 import numpy as np
 import pytest
@@ -116,6 +118,24 @@ def test_a_resumed_run_continues_its_schedule_exactly(schedule, tmp_path, toy_da
     np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-6, atol=1e-7)
 
 
+def test_a_finished_run_continued_resizes_its_cosine_schedule(tmp_path, toy_dataset):
+  import dataclasses
+  dataset = toy_dataset(0, 220, 20)
+  config = tfvae.ModelConfig(image_shape=(8, 8, 1), latent_size=2, hidden_sizes=(8,),
+                             likelihood="gaussian")
+  short = tfvae.TrainConfig(epochs=2, batch_size=50, lr_schedule="cosine",
+                            validation_examples=20)
+  training.train(config, short, tmp_path, dataset=dataset, verbose=0)
+  longer = dataclasses.replace(short, epochs=4)
+  result = training.train(config, longer, tmp_path, dataset=dataset, verbose=0)
+  optimizer = result.vae.optimizer
+  assert int(optimizer.iterations) == 16  # 4 steps an epoch
+  # 1e-3 * (1 + cos(pi * 16 / 16)) / 2 = 0 at the new end, and halfway at step 8.
+  np.testing.assert_allclose(float(optimizer.learning_rate), 0.0, atol=1e-9)
+  schedule = optimizer._learning_rate
+  np.testing.assert_allclose(float(schedule(8)), 0.5e-3, rtol=1e-6)
+
+
 def test_early_stopping_watches_the_validation_loss(tmp_path, toy_dataset):
   # With a learning rate of 1e-30 nothing is learned: the validation loss only moves with its
   # noise, so it fails to improve within a few epochs (30 improvements in a row: 1 in 30!).
@@ -127,6 +147,8 @@ def test_early_stopping_watches_the_validation_loss(tmp_path, toy_dataset):
                           verbose=0)
   losses = result.history["val_loss"]
   assert len(losses) < 30 and losses[-1] >= min(losses[:-1])
+  results = json.loads((tmp_path / "results.json").read_text())
+  assert results["stopped_early"] and results["epochs_trained"] == len(losses)
   with pytest.raises(tfvae.ConfigError, match="early stopping watches the validation loss"):
     tfvae.TrainConfig(early_stopping_patience=3, validation_examples=0)
 

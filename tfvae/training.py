@@ -368,6 +368,11 @@ def _fit_and_report(model_config, train_config, workdir, runtime, strategy, feed
   with runtime.scope(strategy):
     if first_epoch and not (workdir / "backup").is_dir():  # a finished run, continued
       vae = keras.saving.load_model(workdir / "last.keras")
+      if train_config.lr_schedule in ("cosine", "exponential"):
+        # Sized for the old last epoch; resized to the new one, its rate rises again.
+        vae.optimizer.learning_rate = learning_rate_schedule(train_config, feeds.steps)
+        logging.info("Continuing with the %s schedule resized to %d epochs.",
+                     train_config.lr_schedule, train_config.epochs)
     else:
       vae = VAE(model_config, seed=train_config.seed)
       vae.compile(optimizer=make_optimizer(train_config, feeds.steps))
@@ -383,7 +388,8 @@ def _fit_and_report(model_config, train_config, workdir, runtime, strategy, feed
                       initial_epoch=first_epoch, steps_per_epoch=feeds.steps, shuffle=False,
                       verbose=verbose,
                       callbacks=_callbacks(workdir, train_config, feeds.validation, callbacks))
-  test_metrics = _report(vae, feeds, model_config, train_config, workdir)
+  epochs_trained = first_epoch + len(history.history.get("loss", []))
+  test_metrics = _report(vae, feeds, model_config, train_config, workdir, epochs_trained)
   return TrainResult(vae=vae, history=history.history, test_metrics=test_metrics,
                      workdir=workdir)
 
@@ -471,14 +477,19 @@ def _callbacks(workdir: pathlib.Path, train_config: TrainConfig, validation,
   ]
 
 
-def _report(vae, feeds: _Feeds, model_config, train_config, workdir) -> dict[str, Any]:
-  """Test metrics into results.json, and the pictures (of images; vectors have none)."""
+def _report(vae, feeds: _Feeds, model_config, train_config, workdir,
+            epochs_trained: int) -> dict[str, Any]:
+  """Test metrics into results.json, and the pictures (of images; vectors have none).
+
+  A run that early stopping ended counts as finished; results.json says after which epoch.
+  """
   test_metrics = evaluation.evaluate(vae, feeds.test, train_config.eval_num_samples,
                                      seed=train_config.seed, batch_size=train_config.batch_size)
   test_metrics.update(dataset=feeds.name, split="test")
   write_json(workdir / "results.json", {
       "test": test_metrics, "model_config": model_config.to_dict(),
-      "train_config": dataclasses.asdict(train_config)})
+      "train_config": dataclasses.asdict(train_config), "epochs_trained": epochs_trained,
+      "stopped_early": epochs_trained < train_config.epochs})
   if model_config.event_ndims == 3:
     plots.save_reconstructions(vae, feeds.test_head, workdir / "reconstructions.png")
     plots.save_samples(vae, workdir / "samples.png", seed=train_config.seed)
