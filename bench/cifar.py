@@ -4,6 +4,7 @@
   pip install torch   # only for the comparison; not a tfvae dependency
   python bench/cifar.py --budgets=10,30
   python bench/cifar.py --export=savedmodels/cifar10_conv/1   # score an export of bin/train
+  python bench/cifar.py --pictures_of=/tmp/cifar/tfvae_30min.keras  # docs/cifar10/*.png
 
 Both trainers train the same model on the same decoded pixels (the JPEGs of
 ../shared/data/cifar10-jpeg decoded once with PIL, uint8): the conv VAE of
@@ -44,20 +45,26 @@ flags.DEFINE_string("folder", str(ROOT.parent / "shared" / "data" / "cifar10-jpe
 flags.DEFINE_list("budgets", ["10", "30"], "Training budgets in minutes.")
 flags.DEFINE_integer("test_examples", 1000, "Test images scored (the first of each class).")
 flags.DEFINE_integer("num_samples", 100, "K of the importance-sampled log-likelihood.")
+flags.DEFINE_list("conv_channels", ["16", "32", "64"], "The conv net's stage widths.")
+flags.DEFINE_integer("latent_size", 64, "Dimension of z.")
 flags.DEFINE_bool("torch", True, "Also train the PyTorch peer (needs torch installed).")
 flags.DEFINE_enum("trainer", None, ["tfvae", "torch"], "Run one trainer and print its rows"
                   " as JSON (what the table run does in a subprocess per trainer).")
 flags.DEFINE_string("export", None, "Instead of training: score this exported SavedModel's"
                     " log_likelihood signature on the test JPEGs, decoded here with PIL, against"
                     " the factorized baseline.")
+flags.DEFINE_string("pictures_of", None, "Instead of training: write reconstructions of the"
+                    " test images and samples of this .keras model (from --out) to docs/cifar10/.")
 flags.DEFINE_string("out", None, "Folder for the kept tfvae models (.keras), default none.")
 FLAGS = flags.FLAGS
 
-CONV_CHANNELS = (16, 32, 64)
-LATENT_SIZE = 64
 BATCH_SIZE = 64
 LEARNING_RATE = 1e-3
 PIXELS = 32 * 32 * 3
+
+
+def _conv_channels() -> tuple[int, ...]:
+  return tuple(int(c) for c in FLAGS.conv_channels)
 
 
 def decode(folder: pathlib.Path, split: str, per_class: int | None = None) -> np.ndarray:
@@ -107,8 +114,8 @@ def train_tfvae(train: np.ndarray, budgets: Budgets):
   import tfvae
   from tfvae import data, training
   keras.utils.set_random_seed(0)
-  config = tfvae.ModelConfig(image_shape=(32, 32, 3), latent_size=LATENT_SIZE,
-                             architecture="conv", conv_channels=CONV_CHANNELS,
+  config = tfvae.ModelConfig(image_shape=(32, 32, 3), latent_size=FLAGS.latent_size,
+                             architecture="conv", conv_channels=_conv_channels(),
                              likelihood="discretized_logistic")
   runtime = tfvae.Runtime()
   strategy = runtime.make_strategy()
@@ -142,6 +149,7 @@ def score_tfvae(vae, weights, test: np.ndarray, num_samples: int) -> dict:
 
 def torch_model():
   """The tfvae conv VAE in PyTorch: (encoder, decoder) nn.Modules."""
+  conv_channels = _conv_channels()
   import torch
   from torch import nn
 
@@ -156,16 +164,16 @@ def torch_model():
     def forward(self, h):
       return h + self.branch(h)
 
-  encoder_layers = [nn.Conv2d(3, CONV_CHANNELS[0], 3, padding=1)]
-  for i, channels in enumerate(CONV_CHANNELS):
+  encoder_layers = [nn.Conv2d(3, conv_channels[0], 3, padding=1)]
+  for i, channels in enumerate(conv_channels):
     if i:
-      encoder_layers.append(nn.Conv2d(CONV_CHANNELS[i - 1], channels, 3, stride=2, padding=1))
+      encoder_layers.append(nn.Conv2d(conv_channels[i - 1], channels, 3, stride=2, padding=1))
     encoder_layers.append(Block(channels))
-  small = 32 // 2 ** (len(CONV_CHANNELS) - 1)
+  small = 32 // 2 ** (len(conv_channels) - 1)
   encoder_layers += [nn.ReLU(), nn.Flatten(),
-                     nn.Linear(small * small * CONV_CHANNELS[-1], 2 * LATENT_SIZE)]
-  widths = CONV_CHANNELS[::-1]
-  decoder_layers = [nn.Linear(LATENT_SIZE, small * small * widths[0]),
+                     nn.Linear(small * small * conv_channels[-1], 2 * FLAGS.latent_size)]
+  widths = conv_channels[::-1]
+  decoder_layers = [nn.Linear(FLAGS.latent_size, small * small * widths[0]),
                     nn.Unflatten(1, (widths[0], small, small))]
   for i, channels in enumerate(widths):
     if i:
@@ -328,6 +336,18 @@ def main(argv):
     return
   if FLAGS.export:
     print(score_export(FLAGS.export, train, test))
+    return
+  if FLAGS.pictures_of:
+    import keras
+
+    import tfvae  # noqa: F401  (registers the model's classes)
+    from tfvae import plots
+    vae = keras.saving.load_model(FLAGS.pictures_of)
+    pictures = ROOT / "docs" / "cifar10"
+    pictures.mkdir(exist_ok=True)
+    plots.save_reconstructions(vae, test[::len(test) // 32], pictures / "reconstructions.png")
+    plots.save_samples(vae, pictures / "samples.png", seed=0)
+    print(f"wrote {pictures}/reconstructions.png and samples.png")
     return
   rows = []
   # One process per trainer: TensorFlow and PyTorch's compiler crash in one process.

@@ -291,7 +291,7 @@ def test_exported_discretized_logistic_gives_probabilities_of_the_256_levels(tmp
                                     likelihood="discretized_logistic", mixture_components=2))
   x = np.random.default_rng(1).integers(90, 170, (200, 1, 1, 1)).astype(np.uint8)
   vae.compile(optimizer=tf.keras.optimizers.Adam(1e-2))
-  vae.fit(x, epochs=3, batch_size=20, verbose=0)
+  vae.fit(x, epochs=30, batch_size=20, verbose=0)
   path = export.export(vae, tmp_path, "pixel")
   served = tf.saved_model.load(str(path)).signatures["log_likelihood"]
   levels = (np.arange(256, dtype=np.float32) / 255).reshape(256, 1, 1, 1)
