@@ -4,7 +4,7 @@
   pip install torch   # only for the comparison; not a tfvae dependency
   python bench/cifar.py --budgets=10,30
   python bench/cifar.py --export=savedmodels/cifar10_conv/1   # score an export of bin/train
-  python bench/cifar.py --pictures_of=/tmp/cifar/tfvae_30min.keras  # docs/cifar10/*.png
+  python bench/cifar.py --pictures_of=/tmp/cifar_models/tfvae_30min.keras  # docs/cifar10/*.png
 
 Both trainers train the same model on the same decoded pixels (the JPEGs of
 ../shared/data/cifar10-jpeg decoded once with PIL, uint8): the conv VAE of
