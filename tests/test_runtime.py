@@ -94,7 +94,8 @@ def test_attach_leaves_a_plain_model(mnist_slice, tmp_path):
     assert knob not in saved
 
 
-def test_steps_per_call_is_capped_by_a_steps_work():
+def test_steps_per_call_is_capped_by_a_steps_work(monkeypatch):
+  monkeypatch.setattr(runtime, "_has_accelerator", lambda: False)  # a CPU's budget
   flops_per_call = tfvae.runtime.FLOPS_PER_CALL
   assert tfvae.Runtime().steps_per_call(469, step_flops=flops_per_call / 3.5) == 3
   assert tfvae.Runtime().steps_per_call(469, step_flops=10 * flops_per_call) == 1
