@@ -129,8 +129,11 @@ def train_tfvae(train: np.ndarray, budgets: Budgets):
       tfvae.TrainConfig(batch_size=BATCH_SIZE, learning_rate=LEARNING_RATE)))
 
   class Marks(keras.callbacks.Callback):
+    steps = 0
+
     def on_train_batch_end(self, batch, logs=None):
-      if budgets.after_step(steps_per_call * BATCH_SIZE, vae.get_weights):
+      steps, self.steps = self.steps, int(vae.optimizer.iterations)  # an epoch's last call
+      if budgets.after_step((self.steps - steps) * BATCH_SIZE, vae.get_weights):  # runs fewer
         self.model.stop_training = True
 
   with runtime.attach(vae, steps_per_call):
