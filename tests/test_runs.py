@@ -120,8 +120,11 @@ def test_two_runs_in_one_workdir_one_is_refused(data_dir, tmp_path):
              f"--workdir={tmp_path / 'w'}", f"--export_dir={tmp_path / 'models'}",
              "--model_name=m"]
   env = {**os.environ, "TFVAE_DATA_DIR": str(data_dir), "TF_CPP_MIN_LOG_LEVEL": "3"}
+  # A terminal's Ctrl-C: SIGINT handled, even where this suite runs with it ignored (a
+  # background job of a script), which the child would inherit.
   first = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                           text=True)
+                           text=True,
+                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
   try:
     deadline = time.time() + 120
     while time.time() < deadline and "process" not in _read(tmp_path / "w" / runs.LOCK_FILE):
