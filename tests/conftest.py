@@ -83,10 +83,3 @@ def cifar_jpegs(data_dir):
              for path in sorted(klass.glob("*.jpg"))[:per_class]]
     return np.stack([np.asarray(Image.open(path).convert("RGB")) for path in paths])
   return decode("train", 200), decode("test", 20)
-
-
-def pytest_collection_modifyitems(items):
-  # Run first: after the rest of the suite in this process, its bin/train child has twice
-  # failed to exit within 120 s of SIGINT, while alone or with its module it exits at once.
-  first = [item for item in items if item.name == "test_two_runs_in_one_workdir_one_is_refused"]
-  items[:] = first + [item for item in items if item not in first]
