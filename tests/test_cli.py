@@ -300,3 +300,4 @@ for path in sorted(pathlib.Path("configs").glob("*.flags")):
   assert lines["burda_vae.flags"] == "3280 burda elbo 1"
   assert lines["burda_iwae_k50.flags"] == "3280 burda iwae 50"
   assert lines["burda_vae_30min.flags"] == "500 cosine elbo 1"
+  assert lines["burda_vae_2h.flags"] == "2300 cosine elbo 1"
