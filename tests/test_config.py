@@ -25,6 +25,7 @@ def test_dict_round_trip_is_equal():
     ({"likelihood": "gaussian_fixed"}, "positive --observation_scale"),
     ({"likelihood": "gaussian_fixed", "observation_scale": -1.0}, "positive --observation_scale"),
     ({"observation_scale": 0.1}, "only used by a likelihood with a fixed scale"),
+    ({"likelihood": "gaussian_fixed", "observation_scale": 1e-4}, r"below 1/\(256 sqrt"),
     ({"objective": "iwae", "num_samples": 1}, "num_samples=K with K >= 2"),
     ({"objective": "iwae", "num_samples": 5, "beta": 0.5}, "no KL weight"),
     ({"beta": -1.0}, "beta=-1.0"),

@@ -76,7 +76,7 @@ def test_gaussian_log_likelihood_matches_scipy():
   raw = rng.normal(size=(2, 3, 3, 2)).astype(np.float32)  # C = 1, two params per pixel
   x = rng.random((2, 3, 3, 1)).astype(np.float32)
   loc = special.expit(raw[..., :1].astype(np.float64))
-  scale = np.logaddexp(0, raw[..., 1:] + np.log(np.expm1(1.0))) + distributions.MIN_SCALE
+  scale = np.logaddexp(0, raw[..., 1:] + np.log(np.expm1(1.0))) + distributions.PIXEL_MIN_SCALE
   expected = stats.norm(loc, scale).logpdf(x).sum(axis=(1, 2, 3))
   actual = distributions.make_likelihood("gaussian", tf.constant(raw)).log_prob(x).numpy()
   np.testing.assert_allclose(actual, expected, rtol=1e-5)
@@ -100,6 +100,18 @@ def test_scales_are_one_at_zero_and_bounded_below():
   np.testing.assert_allclose(scale[0], 1.0 + distributions.MIN_SCALE, rtol=1e-6)
   assert scale[1] >= distributions.MIN_SCALE
   assert np.all(np.isfinite(scale))
+
+
+def test_a_pixel_gaussian_density_never_exceeds_256_so_bits_per_dim_stay_positive():
+  from tfvae import objectives
+  x = np.full((1, 4, 4, 3), 0.25, np.float32)
+  # The sharpest Gaussian the decoder can emit, centred on every pixel.
+  params = np.concatenate([np.full_like(x, special.logit(0.25)), np.full_like(x, -1e4)], -1)
+  log_p = distributions.make_likelihood("gaussian", tf.constant(params)).log_prob(x).numpy()
+  assert log_p[0] <= x.size * np.log(256.0) + 1e-3 * x.size
+  np.testing.assert_allclose(log_p[0], x.size * np.log(256.0), rtol=1e-5)  # the floor binds
+  assert objectives.bits_per_dim(tf.constant(log_p, tf.float64), x.size,
+                                 dequantized=True).numpy()[0] >= -1e-6
 
 
 def test_posterior_is_diagonal_normal_with_event_shape_latent():
@@ -144,6 +156,20 @@ def test_discretized_logistic_matches_a_numpy_reference_and_sums_to_one():
   assert np.all(np.round(draws * 255) == draws * 255)
   standard_error = draws.std(axis=0) / np.sqrt(len(draws))
   np.testing.assert_array_less(np.abs(draws.mean(axis=0) - expected_mean), 4.5 * standard_error)
+
+
+def test_discretized_logistic_samples_in_a_graph_and_takes_equal_weights_without_logits():
+  loc = np.array([[0.1, 0.9]], np.float32)  # two far-apart components
+  scale = np.full_like(loc, 0.01)
+  plain = distributions.DiscretizedLogistic(loc, scale)
+  weighted = distributions.DiscretizedLogistic(loc, scale, np.zeros_like(loc))
+  levels = (np.arange(256)[:, None] / 255).astype(np.float32)
+  np.testing.assert_allclose(plain.log_prob(levels).numpy(), weighted.log_prob(levels).numpy(),
+                             rtol=1e-6)
+  np.testing.assert_allclose(np.exp(plain.log_prob(levels).numpy()).sum(), 1.0, rtol=1e-5)
+  np.testing.assert_allclose(plain.mean().numpy(), [0.5], atol=1e-3)
+  draws = tf.function(lambda: plain.sample(4000, seed=(1, 2)))().numpy()  # [4000, 1]
+  assert abs((draws > 0.5).mean() - 0.5) < 0.05  # both components drawn, half each
 
 
 def test_discretized_logistic_stays_finite_far_from_its_mass():

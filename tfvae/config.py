@@ -12,7 +12,7 @@ import math
 from typing import Any
 
 from tfvae.data import sources
-from tfvae.distributions import LIKELIHOODS
+from tfvae.distributions import LIKELIHOODS, PIXEL_MIN_SCALE
 
 ARCHITECTURES = ("mlp", "conv")
 OBJECTIVES = ("elbo", "iwae")
@@ -119,6 +119,10 @@ class ModelConfig:
       require(self.observation_scale is not None and math.isfinite(self.observation_scale)
                and self.observation_scale > 0,
                "likelihood=gaussian_fixed needs a positive --observation_scale, e.g. 0.1")
+      require(self.standardize or self.observation_scale >= PIXEL_MIN_SCALE,
+              f"observation_scale={self.observation_scale:g} is below 1/(256 sqrt(2 pi)) ="
+              f" {PIXEL_MIN_SCALE:.5f}: a pixel density above 256 gives negative bits/dim;"
+              f" pass a larger --observation_scale, e.g. 0.1")
     else:
       require(self.observation_scale is None,
                f"observation_scale is only used by a likelihood with a fixed scale"

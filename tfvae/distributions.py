@@ -9,6 +9,7 @@ no scale reaches 0.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 
 import numpy as np
@@ -20,12 +21,15 @@ tfd = tfp.distributions
 # Smallest standard deviation of the posterior and of the Gaussian likelihoods. 1e-3 is far below
 # a pixel's quantization step (1/255) yet keeps log sigma >= -6.9, so no density can blow up.
 MIN_SCALE = 1e-3
+# A pixel's Gaussian keeps its density at or below 256 per value, so an 8-bit image's
+# dequantized bits/dim, -(log p(x) - D log 256) / (D log 2), is never negative.
+PIXEL_MIN_SCALE = 1.0 / (256.0 * math.sqrt(2.0 * math.pi))
 _SOFTPLUS_INVERSE_ONE = float(np.log(np.expm1(1.0)))  # softplus(this) == 1
 
 
-def positive_scale(raw: tf.Tensor) -> tf.Tensor:
-  """Maps an unconstrained tensor to a standard deviation in (MIN_SCALE, inf); 0 maps to ~1."""
-  return tf.nn.softplus(raw + _SOFTPLUS_INVERSE_ONE) + MIN_SCALE
+def positive_scale(raw: tf.Tensor, floor: float = MIN_SCALE) -> tf.Tensor:
+  """Maps an unconstrained tensor to a standard deviation in (floor, inf); 0 maps to ~1."""
+  return tf.nn.softplus(raw + _SOFTPLUS_INVERSE_ONE) + floor
 
 
 def make_posterior(loc: tf.Tensor, raw_scale: tf.Tensor) -> tfd.Distribution:
@@ -129,7 +133,8 @@ def _gaussian(params: tf.Tensor, observation_scale: float | None, event_ndims: i
               standardization) -> tfd.Distribution:
   del observation_scale  # Learned per value.
   raw_loc, raw_scale = tf.split(params, 2, axis=-1)
-  return _normal(raw_loc, positive_scale(raw_scale), event_ndims, standardization)
+  floor = PIXEL_MIN_SCALE if standardization is None else MIN_SCALE
+  return _normal(raw_loc, positive_scale(raw_scale, floor), event_ndims, standardization)
 
 
 def _gaussian_fixed(params: tf.Tensor, observation_scale: float | None, event_ndims: int,
@@ -159,6 +164,8 @@ class DiscretizedLogistic(tfd.Distribution):
 
   finite for every finite loc and s, with no difference of rounded probabilities.
 
+  Values are floats in [0, 1] (TFP casts any input to the distribution's dtype first, so
+  uint8 levels must be divided by 255 before log_prob; tfvae.VAE does that for its inputs).
   Batch shape is loc's without its last axis (the M mixture components); event shape [].
   """
 
@@ -193,9 +200,8 @@ class DiscretizedLogistic(tfd.Distribution):
     return tf.constant([], tf.int32)
 
   def _log_mixture_weights(self):
-    if self._mixture_logits is None:
-      return tf.zeros_like(self._loc)
-    return tf.nn.log_softmax(self._mixture_logits, axis=-1)
+    logits = tf.zeros_like(self._loc) if self._mixture_logits is None else self._mixture_logits
+    return tf.nn.log_softmax(logits, axis=-1)  # no logits: equal weights
 
   def _log_prob(self, x):
     level = tf.clip_by_value(tf.round(tf.cast(x, self.dtype) * LEVELS_MINUS_ONE), 0.,
@@ -214,8 +220,11 @@ class DiscretizedLogistic(tfd.Distribution):
   def _mean(self):
     # E[k] = sum_{j=1..255} P(k >= j) = sum_j 1 - F((j - 1/2) / 255).
     thresholds = (tf.range(LEVELS_MINUS_ONE, dtype=self.dtype) + 0.5) / LEVELS_MINUS_ONE
-    below = tf.foldl(lambda total, t: total + tf.sigmoid((t - self._loc) / self._scale),
-                     thresholds, initializer=tf.zeros_like(self._loc))  # [..., M]
+    loc, scale = self._loc[..., tf.newaxis], self._scale[..., tf.newaxis]
+    # 15 thresholds at a time (255 = 17 x 15): 17 loop steps, each 15 times loc's memory.
+    below = tf.foldl(
+        lambda total, t: total + tf.reduce_sum(tf.sigmoid((t - loc) / scale), axis=-1),
+        tf.reshape(thresholds, [-1, 15]), initializer=tf.zeros_like(self._loc))  # [..., M]
     component_means = 1. - below / LEVELS_MINUS_ONE
     return tf.reduce_sum(tf.exp(self._log_mixture_weights()) * component_means, axis=-1)
 
@@ -225,9 +234,10 @@ class DiscretizedLogistic(tfd.Distribution):
     u = tf.random.stateless_uniform(shape, noise_seed, minval=1e-6, maxval=1. - 1e-6,
                                     dtype=self.dtype)
     values = self._loc + self._scale * (tf.math.log(u) - tf.math.log1p(-u))  # [n, ..., M]
-    if self._mixture_logits is not None:
-      chosen = tfd.Categorical(logits=self._mixture_logits).sample(n, seed=component_seed)
-      values = tf.gather(values, chosen[..., tf.newaxis], axis=-1, batch_dims=tf.rank(chosen))
+    if self._loc.shape[-1] != 1:
+      chosen = tfd.Categorical(logits=self._log_mixture_weights()).sample(n, seed=component_seed)
+      values = tf.reduce_sum(values * tf.one_hot(chosen, tf.shape(values)[-1], dtype=self.dtype),
+                             axis=-1, keepdims=True)
     levels = tf.round(tf.clip_by_value(values[..., 0], 0., 1.) * LEVELS_MINUS_ONE)
     return levels / LEVELS_MINUS_ONE
 
