@@ -158,3 +158,12 @@ def test_bits_per_dim_formula():
   log_p = tf.constant(-784 * np.log(2.0) * 3, tf.float64)
   np.testing.assert_allclose(objectives.bits_per_dim(log_p, 784), 3.0)
   np.testing.assert_allclose(objectives.bits_per_dim(log_p, 784, dequantized=True), 11.0)
+
+
+def test_bits_per_dim_kind_is_discrete_for_levels_and_dequantized_for_densities():
+  kind = lambda **kwargs: evaluation.bits_per_dim_kind(tfvae.ModelConfig(**kwargs))  # noqa: E731
+  assert kind(likelihood="bernoulli") == "discrete"
+  assert kind(likelihood="discretized_logistic", image_shape=(4, 4, 3)) == "discrete"
+  assert kind(likelihood="gaussian") == "dequantized"
+  assert kind(likelihood="gaussian_fixed", observation_scale=0.1) == "dequantized"
+  assert kind(likelihood="gaussian", image_shape=(6,), standardize=True) is None

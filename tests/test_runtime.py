@@ -119,6 +119,24 @@ def test_multiply_adds_count_dense_and_convolution_layers():
                               keras.layers.Flatten(), keras.layers.Dense(7)])
   expected = 48 * 108 + 12 * 180 + 12 * 9 * 5 * 2 + (8 * 6 * 2) * 7
   assert tfvae.networks.multiply_adds(network) == expected
+  nested = keras.Sequential([keras.Input((8, 6, 3)), network, keras.layers.Dense(3)])
+  assert tfvae.networks.multiply_adds(nested) == expected + 7 * 3
+
+
+def test_multiply_adds_of_tfvae_conv_networks_at_an_odd_size():
+  config = tfvae.ModelConfig(image_shape=(5, 3, 1), latent_size=3, architecture="conv",
+                             conv_channels=(2, 4))
+  # stem 1->2 on 5x3, block (two 3x3 2->2) on 5x3, stride-2 2->4 to 3x2, block 4->4 on 3x2,
+  # Dense 24 -> 6.
+  encoder = 15 * 9 * 2 + 2 * 15 * 9 * 4 + 6 * 9 * 8 + 2 * 6 * 9 * 16 + 24 * 6
+  # Dense 3 -> 3x2x4, block on 3x2, transposed 4->2 over its 3x2 input, block on 6x4, crop to
+  # 5x3, 3x3 2->1 to the Bernoulli logits.
+  decoder = 3 * 24 + 2 * 6 * 9 * 16 + 6 * 9 * 8 + 2 * 24 * 9 * 4 + 15 * 9 * 2
+  assert tfvae.networks.multiply_adds(tfvae.networks.build_encoder_network(config)) == encoder
+  decoder_network = tfvae.networks.build_decoder_network(config)
+  assert tfvae.networks.multiply_adds(decoder_network) == decoder
+  # On the 3x2 grid four groups of one channel would hold 6 values each: fewer, larger groups.
+  assert decoder_network.get_layer("decoder_block_0_norm").groups == 1
 
 
 def test_steps_per_call(caplog):

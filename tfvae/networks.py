@@ -35,6 +35,10 @@ def _norm_act(h, config: ModelConfig, name: str):
   # Group normalization: per example, so batches of 1 or 1000, and the L*B decodings of a
   # batch, are normalized alike.
   groups = math.gcd(h.shape[-1], 8)
+  # At least 16 values a group: on a 1x1 grid a one-channel group has variance 0, which would
+  # leave the branch only the norm's offset.
+  while groups > 1 and math.prod(h.shape[1:]) // groups < 16:
+    groups //= 2
   h = keras.layers.GroupNormalization(groups, name=f"{name}_norm")(h)
   return keras.layers.Activation(config.activation, name=f"{name}_act")(h)
 
@@ -59,7 +63,8 @@ def build_encoder_network(config: ModelConfig) -> keras.Model:
   if config.architecture == "mlp":
     return keras.Sequential([x, keras.layers.Flatten(name="flatten"),
                              *_dense_stack(config, config.hidden_sizes, "encoder"),
-                             keras.layers.Dense(2 * config.latent_size, name="posterior_params")],
+                             keras.layers.Dense(2 * config.latent_size, name="posterior_params",
+                                                dtype="float32")],
                             name="encoder_network")
   h = keras.layers.Conv2D(config.conv_channels[0], 3, padding="same", name="encoder_stem")(x)
   for i, channels in enumerate(config.conv_channels):
@@ -71,7 +76,8 @@ def build_encoder_network(config: ModelConfig) -> keras.Model:
   # remove each image's mean colour and contrast.
   h = keras.layers.Activation(config.activation, name="encoder_out_act")(h)
   h = keras.layers.Flatten(name="flatten")(h)
-  params = keras.layers.Dense(2 * config.latent_size, name="posterior_params")(h)
+  # The parameters stay float32 under mixed precision (16 bits would round them coarsely).
+  params = keras.layers.Dense(2 * config.latent_size, name="posterior_params", dtype="float32")(h)
   return keras.Model(x, params, name="encoder_network")
 
 
@@ -95,7 +101,8 @@ def build_decoder_network(config: ModelConfig) -> keras.Model:
   z = keras.Input(shape=(config.latent_size,), name="z")
   if config.architecture == "mlp":
     return keras.Sequential([z, *_dense_stack(config, reversed(config.hidden_sizes), "decoder"),
-                             keras.layers.Dense(math.prod(output_shape), name="likelihood_params"),
+                             keras.layers.Dense(math.prod(output_shape), name="likelihood_params",
+                                                dtype="float32"),
                              keras.layers.Reshape(output_shape)], name="decoder_network")
   height, width, out_channels = output_shape
   small = _smallest_grid(config)
@@ -113,7 +120,8 @@ def build_decoder_network(config: ModelConfig) -> keras.Model:
                                  (extra_columns // 2, extra_columns - extra_columns // 2)),
                                 name="crop")(h)
   h = keras.layers.Activation(config.activation, name="decoder_out_act")(h)
-  params = keras.layers.Conv2D(out_channels, 3, padding="same", name="likelihood_params")(h)
+  params = keras.layers.Conv2D(out_channels, 3, padding="same", name="likelihood_params",
+                               dtype="float32")(h)
   return keras.Model(z, params, name="decoder_network")
 
 
@@ -122,8 +130,15 @@ def multiply_adds(network: keras.Model) -> int:
 
   A layer whose shapes are unknown (a subclassed network's) counts its weights once.
   """
+  return _multiply_adds(network) or network.count_params()
+
+
+def _multiply_adds(network: keras.Model) -> int:
   total = 0
   for layer in network.layers:
+    if isinstance(layer, keras.Model):  # a network nested in a user's network
+      total += _multiply_adds(layer)
+      continue
     kernel = getattr(layer, "kernel", None)
     if kernel is None:
       continue
@@ -132,8 +147,8 @@ def multiply_adds(network: keras.Model) -> int:
               else layer.output).shape[1:-1]
     except (AttributeError, ValueError):
       grid = ()
-    total += math.prod(kernel.shape) * math.prod(grid)
-  return total or network.count_params()
+    total += math.prod(kernel.shape) * math.prod(d or 1 for d in grid)  # unknown sizes: 1
+  return total
 
 
 def training_flops(config: ModelConfig, encoder: keras.Model, decoder: keras.Model,
