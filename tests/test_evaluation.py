@@ -167,3 +167,29 @@ def test_bits_per_dim_kind_is_discrete_for_levels_and_dequantized_for_densities(
   assert kind(likelihood="gaussian") == "dequantized"
   assert kind(likelihood="gaussian_fixed", observation_scale=0.1) == "dequantized"
   assert kind(likelihood="gaussian", image_shape=(6,), standardize=True) is None
+
+
+def test_decodings_at_once_bound_memory_and_keep_the_mlp_at_100_by_100():
+  assert evaluation.decodings_at_once(tfvae.VAE(tfvae.ModelConfig())) >= 100 * 100
+  conv = tfvae.VAE(tfvae.ModelConfig(image_shape=(32, 32, 3), architecture="conv",
+                                     likelihood="discretized_logistic"))
+  floats = tfvae.networks.activation_floats(conv.decoder.network)
+  assert floats > 32 * 32 * 32 * 6  # six outputs of 32 channels at full size in the last stage
+  at_once = evaluation.decodings_at_once(conv)
+  assert 1 <= at_once < 100 and at_once * 4 * floats <= evaluation.DECODE_BYTES
+
+
+def test_evaluate_decodes_fewer_samples_at_once_where_they_would_not_fit(monkeypatch):
+  vae = tfvae.VAE(tfvae.ModelConfig(latent_size=2, hidden_sizes=(8,)))
+  x = np.random.default_rng(0).random((10, 28, 28, 1)).astype(np.float32)
+  chunks = []
+  build = evaluation._batch_terms_function
+  monkeypatch.setattr(evaluation, "_batch_terms_function",
+                      lambda vae, k, chunk: chunks.append(chunk) or build(vae, k, chunk))
+  plain = evaluation.evaluate(vae, x, num_samples=20, batch_size=10)
+  per_decoding = max(tfvae.networks.activation_floats(vae.decoder.network), 2 * 784)
+  monkeypatch.setattr(evaluation, "DECODE_BYTES", 4 * per_decoding * 30)  # 30 at once
+  small = evaluation.evaluate(vae, x, num_samples=20, batch_size=10)
+  assert chunks == [100, 3]
+  # Other chunks draw other noise: the same estimate within its Monte Carlo error.
+  assert abs(small["log_likelihood"] - plain["log_likelihood"]) < 5

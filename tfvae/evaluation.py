@@ -17,6 +17,17 @@ from tfvae import objectives
 from tfvae.data import to_unit_float
 
 DEFAULT_CHUNK_SIZE = 100
+# The decodings run at once hold at most about this much in layer outputs (10,000 decodings of
+# the MNIST MLP), so a conv decoder at full resolution cannot exhaust memory.
+DECODE_BYTES = 80 * 2**20
+
+
+def decodings_at_once(vae) -> int:
+  """How many decodings of z fit in DECODE_BYTES, >= 1."""
+  from tfvae import networks  # here: networks imports config, which imports distributions
+  outputs = math.prod(networks.decoder_output_shape(vae.model_config))
+  per_decoding = max(networks.activation_floats(vae.decoder.network), 2 * outputs)
+  return max(1, DECODE_BYTES // (4 * per_decoding))
 
 
 def importance_sampled_log_likelihood(vae, x: tf.Tensor, num_samples, seed: tf.Tensor,
@@ -87,11 +98,15 @@ def evaluate(vae, x: np.ndarray, num_samples: int, seed: int = 0, batch_size: in
       [0, 1] (or vectors [N, D]); or a tf.data.Dataset of such batches
       (tfvae.data.eval_batches), whose own batch size is kept.
     num_samples: K for the importance-sampled log-likelihood; 0 skips it.
+    chunk_size: samples of z decoded at once per example; made smaller where batch * chunk
+      decodings would not fit in DECODE_BYTES.
 
   Returns:
     Dict with "elbo", "kl", "nll", when K > 0 "log_likelihood", and "bits_per_dim" with
     "bits_per_dim_of" (see `bits_per_dim_kind`), "num_samples", "num_examples".
   """
+  batch = (next(iter(x)).shape[0] if isinstance(x, tf.data.Dataset) else min(batch_size, len(x)))
+  chunk_size = max(1, min(chunk_size, decodings_at_once(vae) // max(1, batch)))
   batch_terms = _batch_terms_function(vae, num_samples, chunk_size)
   base_seed = tf.constant([seed, 0], tf.int32)
   return _aggregate(

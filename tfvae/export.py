@@ -57,9 +57,6 @@ SIGNATURES = ("serving_default", "encode", "decode", "reconstruct", "sample", "l
 _VERSION = re.compile(r"^\d+$")
 # What os.rename of a folder gives when the target is a non-empty folder, or not a folder.
 _TAKEN = (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR)
-# log_likelihood scores a request in parts of this many pixels (100 MNIST images), so its memory,
-# chunk_size * part * pixels, does not grow with the batch.
-_PART_PIXELS = 100 * 784
 
 
 class ExportError(RuntimeError):
@@ -175,6 +172,11 @@ def _signatures(vae) -> dict[str, tuple]:
   max_count = min(MAX_SAMPLE_COUNT, MAX_SAMPLE_PIXELS // pixels)
   max_pairs = MAX_LOG_LIKELIHOOD_PIXELS // pixels  # batch * num_samples
   max_num_samples = min(MAX_NUM_SAMPLES, max_pairs)
+  # log_likelihood scores a request in parts, each decoding at most chunk_size * images_per_part
+  # samples at once, so its memory does not grow with the batch.
+  at_once = evaluation.decodings_at_once(vae)
+  chunk_size = min(evaluation.DEFAULT_CHUNK_SIZE, at_once)
+  images_per_part = max(1, at_once // chunk_size)
   # One draw of the ELBO's noise for a whole request, the same for every request.
   elbo_seed = tf.constant([0, 0], tf.int32)
 
@@ -245,9 +247,9 @@ def _signatures(vae) -> dict[str, tuple]:
     seed = _stateless_seed(seed)
     # Each image's noise comes from its content, so the parts' estimates are the whole batch's.
     return {"log_likelihood": _in_parts(
-        lambda part: evaluation.importance_sampled_log_likelihood(vae, part, num_samples, seed,
-                                                                  content_noise=True),
-        x, max(1, _PART_PIXELS // pixels))}
+        lambda part: evaluation.importance_sampled_log_likelihood(
+            vae, part, num_samples, seed, chunk_size=chunk_size, content_noise=True),
+        x, images_per_part)}
 
   return {
       "serving_default": (serving_default, [image_spec]),

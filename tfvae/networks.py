@@ -151,6 +151,22 @@ def _multiply_adds(network: keras.Model) -> int:
   return total
 
 
+def activation_floats(network: keras.Model) -> int:
+  """Values one example leaves in the outputs of network's layers (nested models included):
+  what a forward pass holds per example, at most. Layers of unknown shape count 0."""
+  total = 0
+  for layer in network.layers:
+    if isinstance(layer, keras.Model):
+      total += activation_floats(layer)
+      continue
+    try:
+      shape = layer.output.shape[1:]
+    except (AttributeError, ValueError):
+      continue
+    total += math.prod(d or 1 for d in shape)
+  return total
+
+
 def training_flops(config: ModelConfig, encoder: keras.Model, decoder: keras.Model,
                    batch_size: int) -> float:
   """Floating-point operations of one training step: 2 per multiply-add, forward and twice
