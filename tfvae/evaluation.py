@@ -105,7 +105,11 @@ def evaluate(vae, x: np.ndarray, num_samples: int, seed: int = 0, batch_size: in
     Dict with "elbo", "kl", "nll", when K > 0 "log_likelihood", and "bits_per_dim" with
     "bits_per_dim_of" (see `bits_per_dim_kind`), "num_samples", "num_examples".
   """
-  batch = (next(iter(x)).shape[0] if isinstance(x, tf.data.Dataset) else min(batch_size, len(x)))
+  if isinstance(x, tf.data.Dataset):
+    batch = (tf.nest.flatten(x.element_spec)[0].shape[0]
+             or tf.nest.flatten(next(iter(x)))[0].shape[0])  # a ragged last batch: the first's
+  else:
+    batch = min(batch_size, len(x))
   chunk_size = max(1, min(chunk_size, decodings_at_once(vae) // max(1, batch)))
   batch_terms = _batch_terms_function(vae, num_samples, chunk_size)
   base_seed = tf.constant([seed, 0], tf.int32)
