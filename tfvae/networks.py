@@ -125,20 +125,22 @@ def build_decoder_network(config: ModelConfig) -> keras.Model:
   return keras.Model(z, params, name="decoder_network")
 
 
+def _leaf_layers(network: keras.Model):
+  """network's layers, with the layers of any model nested in it (a user's network) in its place."""
+  for layer in network.layers:
+    if isinstance(layer, keras.Model):
+      yield from _leaf_layers(layer)
+    else:
+      yield layer
+
+
 def multiply_adds(network: keras.Model) -> int:
   """Multiply-adds of one example through network's Dense and convolution layers.
 
   A layer whose shapes are unknown (a subclassed network's) counts its weights once.
   """
-  return _multiply_adds(network) or network.count_params()
-
-
-def _multiply_adds(network: keras.Model) -> int:
   total = 0
-  for layer in network.layers:
-    if isinstance(layer, keras.Model):  # a network nested in a user's network
-      total += _multiply_adds(layer)
-      continue
+  for layer in _leaf_layers(network):
     kernel = getattr(layer, "kernel", None)
     if kernel is None:
       continue
@@ -148,17 +150,14 @@ def _multiply_adds(network: keras.Model) -> int:
     except (AttributeError, ValueError):
       grid = ()
     total += math.prod(kernel.shape) * math.prod(d or 1 for d in grid)  # unknown sizes: 1
-  return total
+  return total or network.count_params()
 
 
 def activation_floats(network: keras.Model) -> int:
   """Values one example leaves in the outputs of network's layers (nested models included):
   what a forward pass holds per example, at most. Layers of unknown shape count 0."""
   total = 0
-  for layer in network.layers:
-    if isinstance(layer, keras.Model):
-      total += activation_floats(layer)
-      continue
+  for layer in _leaf_layers(network):
     try:
       shape = layer.output.shape[1:]
     except (AttributeError, ValueError):
