@@ -113,11 +113,12 @@ def train_tfvae(train: np.ndarray, budgets: Budgets):
 
   import tfvae
   from tfvae import data, training
+  runtime = tfvae.Runtime()
+  runtime.configure_threads()  # before any TensorFlow op, as bin/train does
   keras.utils.set_random_seed(0)
   config = tfvae.ModelConfig(image_shape=(32, 32, 3), latent_size=FLAGS.latent_size,
                              architecture="conv", conv_channels=_conv_channels(),
                              likelihood="discretized_logistic")
-  runtime = tfvae.Runtime()
   strategy = runtime.make_strategy()
   vae = tfvae.VAE(config)
   step_flops = tfvae.networks.training_flops(config, vae.encoder.network,

@@ -1,5 +1,7 @@
 """tfvae.runtime: what it changes about training (nothing but the speed) and its defaults."""
 
+import functools
+
 import keras
 import numpy as np
 import pytest
@@ -194,6 +196,48 @@ def test_the_fused_adam_update_is_keras_adam(mnist_slice, make):
   # A different kernel rounds differently: weights agree to about 1e-6 after 16 steps of 2e-3.
   _assert_same_training(keras_adam, fused_adam, keras_history, fused_history, rtol=1e-4,
                         atol=3e-6)
+
+
+@pytest.mark.parametrize("shape, groups, dtype", [((4, 5, 3, 16), 8, "float32"),
+                                                  ((6, 10), 2, "float32"),
+                                                  ((3, 4, 4, 8), 4, "bfloat16")])
+def test_the_fused_group_norm_is_keras_group_norm(shape, groups, dtype):
+  rng = np.random.default_rng(0)
+  layer = keras.layers.GroupNormalization(groups, dtype=keras.DTypePolicy(
+      "float32" if dtype == "float32" else "mixed_bfloat16"))
+  layer.build(shape)
+  layer.gamma.assign(rng.normal(size=shape[-1]))
+  layer.beta.assign(rng.normal(size=shape[-1]))
+  x = tf.constant(rng.normal(size=shape) * 3 + 1, dtype)
+  weights = tf.constant(rng.normal(size=shape), tf.float32)
+  results = []
+  for norm in (layer, functools.partial(runtime._fused_group_norm, layer)):
+    with tf.GradientTape() as tape:
+      tape.watch(x)
+      y = norm(x)
+      loss = tf.reduce_sum(tf.cast(y, tf.float32) * weights)
+    results.append([y, *tape.gradient(loss, [x, layer.gamma.value, layer.beta.value])])
+  tolerance = 1e-5 if dtype == "float32" else 2e-2
+  for keras_value, fused_value in zip(*results, strict=True):
+    assert fused_value.dtype == keras_value.dtype
+    np.testing.assert_allclose(tf.cast(fused_value, tf.float32), tf.cast(keras_value, tf.float32),
+                               rtol=tolerance, atol=tolerance)
+
+
+def test_the_fused_group_norm_trains_a_conv_net_like_keras_and_exports_without_xla(tmp_path):
+  x = np.random.default_rng(0).integers(0, 256, (96, 6, 5, 3), dtype=np.uint8)
+  config = tfvae.ModelConfig(image_shape=(6, 5, 3), latent_size=3, architecture="conv",
+                             conv_channels=(8, 16), likelihood="discretized_logistic")
+  keras_norm, keras_history = _fit(x, config, tfvae.Runtime(fused_group_norm=False),
+                                   batch_size=16)
+  fused, fused_history = _fit(x, config, tfvae.Runtime(), batch_size=16)
+  norms = runtime._group_norms(fused)
+  assert len(norms) == 4 and not any("call" in norm.__dict__ for norm in norms)  # Keras's again
+  with tfvae.Runtime().attach(fused):
+    assert all(norm.call.func is runtime._fused_group_norm for norm in norms)
+  _assert_same_training(keras_norm, fused, keras_history, fused_history, rtol=1e-4, atol=1e-5)
+  exported = export.export(fused, tmp_path, "conv")
+  assert b"XlaMustCompile" not in (exported / "saved_model.pb").read_bytes()
 
 
 def test_fit_on_its_own_takes_keras_steps_per_execution(binary_batch, small_config):

@@ -125,11 +125,11 @@ def build_decoder_network(config: ModelConfig) -> keras.Model:
   return keras.Model(z, params, name="decoder_network")
 
 
-def _leaf_layers(network: keras.Model):
+def leaf_layers(network: keras.Model):
   """network's layers, with the layers of any model nested in it (a user's network) in its place."""
   for layer in network.layers:
     if isinstance(layer, keras.Model):
-      yield from _leaf_layers(layer)
+      yield from leaf_layers(layer)
     else:
       yield layer
 
@@ -140,7 +140,7 @@ def multiply_adds(network: keras.Model) -> int:
   A layer whose shapes are unknown (a subclassed network's) counts its weights once.
   """
   total = 0
-  for layer in _leaf_layers(network):
+  for layer in leaf_layers(network):
     kernel = getattr(layer, "kernel", None)
     if kernel is None:
       continue
@@ -157,7 +157,7 @@ def activation_floats(network: keras.Model) -> int:
   """Values one example leaves in the outputs of network's layers (nested models included):
   what a forward pass holds per example, at most. Layers of unknown shape count 0."""
   total = 0
-  for layer in _leaf_layers(network):
+  for layer in leaf_layers(network):
     try:
       shape = layer.output.shape[1:]
     except (AttributeError, ValueError):

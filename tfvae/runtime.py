@@ -12,6 +12,8 @@ in a scan and a pmap:
                    on one small batch without handing each op between threads.
   threads          TensorFlow's threads per op, matched to the shards.
   fused Adam       Keras's Adam update in one kernel per variable.
+  fused group norm Keras's GroupNormalization compiled by XLA, which fuses its element-wise
+                   ops over a conv net's feature maps; the rest of the step stays as it is.
   strategy         a tf.distribute strategy: mirrored, multi_worker or tpu.
   mixed precision  16-bit compute, float32 objective.
 
@@ -45,7 +47,7 @@ import keras
 import tensorflow as tf
 from absl import logging
 
-from tfvae import objectives
+from tfvae import networks, objectives
 from tfvae.config import ConfigError, require
 from tfvae.data import steps_per_epoch, train_pipeline
 from tfvae.data import to_unit_float as _to_unit_float
@@ -84,6 +86,8 @@ class Runtime:
       split, else TensorFlow's default. Takes effect only before TensorFlow's first op.
     fused_adam: update keras.optimizers.Adam and AdamW with one ResourceApplyAdam kernel per
       variable (the same update, in one pass over its memory instead of a dozen).
+    fused_group_norm: compute the networks' keras.layers.GroupNormalization layers with XLA
+      while training (the same function; exports and saved models stay XLA-free).
   """
 
   strategy: str = "default"
@@ -92,6 +96,7 @@ class Runtime:
   step_shards: int = 0
   intra_op_threads: int = 0
   fused_adam: bool = True
+  fused_group_norm: bool = True
 
   def __post_init__(self):
     require(self.strategy in STRATEGIES,
@@ -106,7 +111,7 @@ class Runtime:
   @classmethod
   def plain(cls) -> Runtime:
     """Keras as it comes: one step per call, whole batches, TensorFlow's threads and Adam."""
-    return cls(steps_per_execution=1, step_shards=1, fused_adam=False)
+    return cls(steps_per_execution=1, step_shards=1, fused_adam=False, fused_group_norm=False)
 
   @property
   def shards(self) -> int:
@@ -226,15 +231,19 @@ class Runtime:
     multi_worker, a graph loop over batches; under tpu, Keras's own functions. With
     step_shards > 1, each batch's per-example terms are computed in that many independent
     branches; with fused_adam, a keras.optimizers.Adam or AdamW updates each variable in one
-    kernel. All of it is undone on exit, so the model saves as the plain VAE it is.
+    kernel; with fused_group_norm, the networks' group normalizations run under XLA. All of it
+    is undone on exit, so the model saves and exports as the plain VAE it is.
     """
     strategy = vae.distribute_strategy
     saved_steps = vae.steps_per_execution
     adam = _plain_adam(vae.optimizer) if self.fused_adam else None
+    norms = _group_norms(vae) if self.fused_group_norm else []
     try:
       vae.steps_per_execution = steps_per_call
       if adam is not None:
         adam.update_step = functools.partial(_fused_adam_update, adam)
+      for norm in norms:
+        norm.call = functools.partial(_fused_group_norm, norm)
       if self.shards > 1:
         vae.per_example_terms = _sharded(vae.per_example_terms, self.shards)
       vae.train_function = vae.test_function = None
@@ -247,6 +256,8 @@ class Runtime:
     finally:
       if adam is not None:
         del adam.update_step  # the class's own again
+      for norm in norms:
+        del norm.call
       vae.__dict__.pop("per_example_terms", None)
       vae.steps_per_execution = saved_steps
       vae.train_function = vae.test_function = None  # Keras builds its own when next needed
@@ -259,6 +270,40 @@ def _loops_steps_under(strategy: tf.distribute.Strategy) -> bool:
 
 
 _FUSED_DTYPES = (tf.float32, tf.float64)
+
+
+def _group_norms(vae: keras.Model) -> list[keras.layers.GroupNormalization]:
+  """The channels-last, scaled and centred GroupNormalization layers of vae's networks."""
+  return [layer for network in (vae.encoder.network, vae.decoder.network)
+          for layer in networks.leaf_layers(network)
+          if type(layer) is keras.layers.GroupNormalization and layer.axis == -1
+          and layer.scale and layer.center]
+
+
+def _fused_group_norm(layer: keras.layers.GroupNormalization, inputs):
+  """layer(inputs), the normalization in one XLA cluster (Keras's runs each op on its own)."""
+  return _group_norm_xla(inputs, layer.gamma.value, layer.beta.value, layer.groups,
+                         layer.epsilon)
+
+
+@tf.function(jit_compile=True)
+def _group_norm_xla(inputs, gamma, beta, groups: int, epsilon: float):
+  """Keras's GroupNormalization(groups, axis=-1, epsilon) of inputs [B, ..., C], with its
+  statistics in float32 as Keras computes them:
+
+    y = (x - mean_g) / sqrt(var_g + epsilon) * gamma + beta,
+
+  mean_g and var_g over each example's values in the channels of group g.
+  """
+  shape = tf.shape(inputs)
+  channels = inputs.shape[-1]
+  grouped = tf.reshape(tf.cast(inputs, tf.float32),
+                       tf.concat([shape[:-1], [groups, channels // groups]], 0))  # [B, ..., G, C/G]
+  rank = inputs.shape.rank
+  mean, variance = tf.nn.moments(grouped, [*range(1, rank - 1), rank], keepdims=True)
+  scale = tf.math.rsqrt(variance + epsilon) * tf.reshape(tf.cast(gamma, tf.float32), [groups, -1])
+  offset = tf.reshape(tf.cast(beta, tf.float32), [groups, -1]) - mean * scale
+  return tf.cast(tf.reshape(grouped * scale + offset, shape), inputs.dtype)
 
 
 def _plain_adam(optimizer):
