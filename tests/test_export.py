@@ -58,6 +58,24 @@ def trained(tmp_path_factory):
   return vae, x, root, export.export(vae, root, "digits")
 
 
+def test_in_parts_hands_the_function_parts_of_at_most_size():
+  x = tf.ones([10, 2])
+  sizes = export._in_parts(lambda part: tf.fill(tf.shape(part), tf.cast(tf.shape(part)[0],
+                                                                        tf.float32)), x, 4, (2,))
+  assert sizes.shape == (10, 2) and sizes[:, 0].numpy().tolist() == [4] * 8 + [2] * 2
+
+
+def test_sample_decodes_in_parts_and_gives_vae_sample_images(trained, tmp_path, monkeypatch):
+  vae = trained[0]
+  per_decoding = max(tfvae.networks.activation_floats(vae.decoder.network), 2 * 784)
+  monkeypatch.setattr(evaluation, "DECODE_BYTES", 4 * per_decoding * 3)  # 3 at once
+  sample = tf.saved_model.load(str(export.export(vae, tmp_path, "digits"))).signatures["sample"]
+  for count in (0, 1, 7):
+    out = sample(count=tf.constant(count), seed=tf.constant(5, tf.int64))
+    assert out["images"].shape == (count, 28, 28, 1) and out["z"].shape == (count, 3)
+    np.testing.assert_allclose(out["images"], vae.sample(count, seed=5), rtol=1e-5, atol=1e-6)
+
+
 def test_layout_is_model_name_then_integer_version(trained):
   _, _, root, path = trained
   assert path == root / "digits" / "1"

@@ -149,17 +149,19 @@ def _after(checks: list, *tensors):
     return tuple(tf.identity(t) for t in tensors)
 
 
-def _in_parts(function, x: tf.Tensor, size: int) -> tf.Tensor:
-  """function(x) for x [B, ...] -> [B], computed on consecutive parts of at most size examples."""
+def _in_parts(function, x: tf.Tensor, size: int, event_shape=()) -> tf.Tensor:
+  """function(x) for x [B, ...] -> float32 [B, *event_shape], computed on consecutive parts of
+  at most size examples."""
   batch = tf.shape(x)[0]
   parts = (batch + size - 1) // size
 
   def body(i, values):
     return i + 1, values.write(i, function(x[i * size:(i + 1) * size]))
 
-  values = tf.TensorArray(tf.float32, size=parts, infer_shape=False, element_shape=[None])
+  values = tf.TensorArray(tf.float32, size=parts, infer_shape=False,
+                          element_shape=[None, *event_shape])
   _, values = tf.while_loop(lambda i, _: i < parts, body, (tf.constant(0), values))
-  return values.concat()  # [B]
+  return values.concat()  # [B, *event_shape]
 
 
 def _signatures(vae) -> dict[str, tuple]:
@@ -172,8 +174,9 @@ def _signatures(vae) -> dict[str, tuple]:
   max_count = min(MAX_SAMPLE_COUNT, MAX_SAMPLE_PIXELS // pixels)
   max_pairs = MAX_LOG_LIKELIHOOD_PIXELS // pixels  # batch * num_samples
   max_num_samples = min(MAX_NUM_SAMPLES, max_pairs)
-  # log_likelihood scores a request in parts, each decoding at most chunk_size * images_per_part
-  # samples at once, so its memory does not grow with the batch.
+  # sample decodes at most at_once images at a time; log_likelihood scores a request in parts,
+  # each decoding at most chunk_size * images_per_part samples at once, so neither's memory
+  # grows with the request.
   at_once = evaluation.decodings_at_once(vae)
   chunk_size = min(evaluation.DEFAULT_CHUNK_SIZE, at_once)
   images_per_part = max(1, at_once // chunk_size)
@@ -225,7 +228,9 @@ def _signatures(vae) -> dict[str, tuple]:
                        f" {MAX_SAMPLE_COUNT} and count * pixels <= {MAX_SAMPLE_PIXELS}); got"
                        f" {{}}: ask in batches of at most {max_count}", [count]),
     ], count)
-    images, z = vae.sample(count, seed=seed, return_latents=True)
+    z = vae.prior.sample(count, seed=_stateless_seed(seed))  # [count, J], as vae.sample draws
+    # Decoded in parts, so a large count does not hold every image's layer outputs at once.
+    images = _in_parts(lambda part: vae.decoder(part).mean(), z, at_once, config.image_shape)
     return {"images": images, "z": z}
 
   def log_likelihood(x, num_samples, seed):
