@@ -9,12 +9,12 @@
 Both trainers train the same model on the same decoded pixels (the JPEGs of
 ../shared/data/cifar10-jpeg decoded once with PIL, uint8): the conv VAE of
 configs/cifar10_conv.flags (tfvae.networks: a residual net of conv_channels 16,32,64, group
-normalization in the residual branches, latent 64) with the discretized logistic likelihood,
-batch 64, Adam 1e-3 at a constant rate, so a run's state at 10 minutes is what a 10-minute
-budget gives. The PyTorch peer is that network written as a PyTorch user would: nn.Modules,
-a uint8 tensor in memory indexed by a fresh permutation each epoch, fused Adam, and
-torch.compile when it trains faster than eager on this machine (checked first, in a short
-trial, outside the budget).
+normalization in the residual branches, z an 8x8x16 map) with the discretized logistic
+likelihood of R, G and B coupled as in PixelCNN++, batch 64, Adam 1e-3 at a constant rate,
+so a run's state at 10 minutes is what a 10-minute budget gives. The PyTorch peer is that
+network written as a PyTorch user would: nn.Modules, a uint8 tensor in memory indexed by a
+fresh permutation each epoch, fused Adam, and torch.compile when it trains faster than eager
+on this machine (checked first, in a short trial, outside the budget).
 
 A budget is training time, after each trainer's first step (tracing, compiling). The trainers
 take turns: tfvae trains for the largest budget, its weights kept at each smaller one, then
@@ -46,7 +46,12 @@ flags.DEFINE_list("budgets", ["10", "30"], "Training budgets in minutes.")
 flags.DEFINE_integer("test_examples", 1000, "Test images scored (the first of each class).")
 flags.DEFINE_integer("num_samples", 100, "K of the importance-sampled log-likelihood.")
 flags.DEFINE_list("conv_channels", ["16", "32", "64"], "The conv net's stage widths.")
-flags.DEFINE_integer("latent_size", 64, "Dimension of z.")
+flags.DEFINE_integer("latent_size", 1024, "Dimension of z (with --spatial_latent, 16 channels"
+                     " on the 8x8 grid).")
+flags.DEFINE_bool("coupled_channels", True, "A pixel's R, G and B coupled in order, as in"
+                  " PixelCNN++ (bin/train's --coupled_channels).")
+flags.DEFINE_bool("spatial_latent", True, "z a map on the coarsest grid (bin/train's"
+                  " --spatial_latent); --latent_size a multiple of its cells.")
 flags.DEFINE_bool("torch", True, "Also train the PyTorch peer (needs torch installed).")
 flags.DEFINE_enum("trainer", None, ["tfvae", "torch"], "Run one trainer and print its rows"
                   " as JSON (what the table run does in a subprocess per trainer).")
@@ -118,7 +123,9 @@ def train_tfvae(train: np.ndarray, budgets: Budgets):
   keras.utils.set_random_seed(0)
   config = tfvae.ModelConfig(image_shape=(32, 32, 3), latent_size=FLAGS.latent_size,
                              architecture="conv", conv_channels=_conv_channels(),
-                             likelihood="discretized_logistic")
+                             likelihood="discretized_logistic",
+                             coupled_channels=FLAGS.coupled_channels,
+                             spatial_latent=FLAGS.spatial_latent)
   strategy = runtime.make_strategy()
   vae = tfvae.VAE(config)
   step_flops = tfvae.networks.training_flops(config, vae.encoder.network,
@@ -174,17 +181,24 @@ def torch_model():
       encoder_layers.append(nn.Conv2d(conv_channels[i - 1], channels, 3, stride=2, padding=1))
     encoder_layers.append(Block(channels))
   small = 32 // 2 ** (len(conv_channels) - 1)
-  encoder_layers += [nn.ReLU(), nn.Flatten(),
-                     nn.Linear(small * small * conv_channels[-1], 2 * FLAGS.latent_size)]
   widths = conv_channels[::-1]
-  decoder_layers = [nn.Linear(FLAGS.latent_size, small * small * widths[0]),
-                    nn.Unflatten(1, (widths[0], small, small))]
+  if FLAGS.spatial_latent:  # z a map of latent_size / small^2 channels; flattened channel-major
+    channels = FLAGS.latent_size // small**2
+    encoder_layers += [nn.ReLU(), nn.Conv2d(conv_channels[-1], 2 * channels, 1), nn.Flatten()]
+    decoder_layers = [nn.Unflatten(1, (channels, small, small)),
+                      nn.Conv2d(channels, widths[0], 3, padding=1)]
+  else:
+    encoder_layers += [nn.ReLU(), nn.Flatten(),
+                       nn.Linear(small * small * conv_channels[-1], 2 * FLAGS.latent_size)]
+    decoder_layers = [nn.Linear(FLAGS.latent_size, small * small * widths[0]),
+                      nn.Unflatten(1, (widths[0], small, small))]
   for i, channels in enumerate(widths):
     if i:
       decoder_layers.append(nn.ConvTranspose2d(widths[i - 1], channels, 3, stride=2, padding=1,
                                                output_padding=1))
     decoder_layers.append(Block(channels))
-  decoder_layers += [nn.ReLU(), nn.Conv2d(widths[-1], 2 * 3, 3, padding=1)]
+  outputs = 9 if FLAGS.coupled_channels else 6  # locations, raw scales (, raw coefficients)
+  decoder_layers += [nn.ReLU(), nn.Conv2d(widths[-1], outputs, 3, padding=1)]
   torch.manual_seed(0)
   return nn.Sequential(*encoder_layers), nn.Sequential(*decoder_layers)
 
@@ -246,12 +260,19 @@ def train_torch(train: np.ndarray, budgets: Budgets):
 
 
 def _torch_log_px(params, x):
-  """log p(x|z) [B] of the discretized logistic, for uint8 x [B, 3, 32, 32]."""
+  """log p(x|z) [B] of the discretized logistic, for uint8 x [B, 3, 32, 32]; coupled, G's
+  location moves with R's value and B's with R's and G's (tfvae's CoupledDiscretizedLogistic)."""
   import torch
   from torch.nn import functional
-  mean, raw_scale = params.chunk(2, dim=1)
-  s = functional.softplus(raw_scale + math.log(math.expm1(1.0))) + 1e-3
   level = x.float()
+  if FLAGS.coupled_channels:
+    mean, raw_scale, raw_coefficients = params.chunk(3, dim=1)
+    c, value = torch.tanh(raw_coefficients), level / 255
+    mean = torch.stack([mean[:, 0], mean[:, 1] + c[:, 0] * value[:, 0],
+                        mean[:, 2] + c[:, 1] * value[:, 0] + c[:, 2] * value[:, 1]], dim=1)
+  else:
+    mean, raw_scale = params.chunk(2, dim=1)
+  s = functional.softplus(raw_scale + math.log(math.expm1(1.0))) + 1e-3
   a = ((level + 0.5) / 255 - (0.5 + mean)) / s
   width = 1 / (255 * s)
   first, last = level == 0, level == 255

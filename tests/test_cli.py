@@ -219,12 +219,12 @@ def _copy_cifar(data_dir, target, per_class_train, per_class_test):
 @pytest.mark.slow
 def test_train_a_colour_folder_with_the_conv_net_at_an_odd_size(data_dir, tmp_path):
   _copy_cifar(data_dir, tmp_path / "cifar small", 40, 6)
-  # Three stages stride by 4, which 30 is not a multiple of.
+  # Three stages stride by 4, which 30 is not a multiple of; z is an 8x8 map.
   result = _run("train", f"--dataset=folder:{tmp_path / 'cifar small'}", "--image_size=30x30",
                 "--architecture=conv", "--conv_channels=8,16,16",
                 "--likelihood=discretized_logistic", "--mixture_components=2",
-                "--latent_size=8", "--epochs=2", "--batch_size=50",
-                f"--export_dir={tmp_path / 'models'}", cwd=tmp_path)
+                "--coupled_channels", "--spatial_latent", "--latent_size=64", "--epochs=2",
+                "--batch_size=50", f"--export_dir={tmp_path / 'models'}", cwd=tmp_path)
   assert result.returncode == 0, result.stderr[-3000:]
   names = [p.name for p in (tmp_path / "models").iterdir()]
   assert len(names) == 1 and names[0].startswith("cifar_small_") and names[0].endswith("_vae")
@@ -289,7 +289,9 @@ for path in sorted(pathlib.Path("configs").glob("*.flags")):
   flags.FLAGS.unparse_flags()
   flags.FLAGS(["train", f"--flagfile={path}"])
   train = cli.train_config_from_flags()
-  model = cli.model_config_from_flags((28, 28, 1) if "frey" not in path.name else (28, 20, 1))
+  shapes = {"frey": (28, 20, 1), "cifar": (32, 32, 3)}
+  model = cli.model_config_from_flags(next(
+      (shape for name, shape in shapes.items() if name in path.name), (28, 28, 1)))
   print(path.name, train.epochs, train.lr_schedule, model.objective, model.num_samples)
 """
   result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,

@@ -15,7 +15,8 @@ def test_dict_round_trip_is_equal():
                        likelihood="gaussian_fixed", observation_scale=0.1)
   assert ModelConfig.from_dict(config.to_dict()) == config
   conv = ModelConfig(image_shape=(32, 32, 3), architecture="conv", conv_channels=[8, 16],
-                     likelihood="discretized_logistic", mixture_components=3)
+                     likelihood="discretized_logistic", mixture_components=3,
+                     coupled_channels=True)
   assert ModelConfig.from_dict(conv.to_dict()) == conv and conv.conv_channels == (8, 16)
 
 
@@ -36,6 +37,11 @@ def test_dict_round_trip_is_equal():
     ({"mixture_components": 0}, "mixture_components=0 must be at least 1"),
     ({"mixture_components": 5}, "is for a mixture likelihood .* not bernoulli"),
     ({"likelihood": "discretized_logistic", "image_shape": (30,)}, "8-bit pixels, not vectors"),
+    ({"coupled_channels": True}, "coupled_channels is for discretized_logistic, not bernoulli"),
+    ({"coupled_channels": True, "likelihood": "discretized_logistic"}, r"\(28, 28, 1\) have one"),
+    ({"spatial_latent": True}, "pass --architecture=conv"),
+    ({"spatial_latent": True, "architecture": "conv", "image_shape": (30, 30, 3),
+      "latent_size": 100}, "on the 8x8 grid: pass a multiple of 64, e.g. --latent_size=128"),
 ])
 def test_impossible_model_configs_fail_with_one_line(kwargs, phrase):
   with pytest.raises(ConfigError, match=phrase) as error:

@@ -19,17 +19,20 @@ def test_encoder_and_decoder_return_distributions(small_config, binary_batch):
   assert likelihood.log_prob(binary_batch).shape == [3, 8]
 
 
-@pytest.mark.parametrize("likelihood, scale, mixture", [
-    ("bernoulli", None, 1), ("gaussian", None, 1), ("gaussian_fixed", 0.2, 1),
-    ("discretized_logistic", None, 1), ("discretized_logistic", None, 3)])
+@pytest.mark.parametrize("likelihood, scale, mixture, coupled", [
+    ("bernoulli", None, 1, False), ("gaussian", None, 1, False), ("gaussian_fixed", 0.2, 1, False),
+    ("discretized_logistic", None, 1, False), ("discretized_logistic", None, 3, False),
+    ("discretized_logistic", None, 1, True), ("discretized_logistic", None, 3, True)])
 @pytest.mark.parametrize("architecture", ["mlp", "conv"])
 @pytest.mark.parametrize("channels", [1, 3, 4])
-def test_every_likelihood_and_architecture_builds(likelihood, scale, mixture, architecture,
-                                                  channels):
+def test_every_likelihood_and_architecture_builds(likelihood, scale, mixture, coupled,
+                                                  architecture, channels):
+  if coupled and channels == 1:
+    pytest.skip("one channel has nothing to couple (a ConfigError: test_config)")
   config = tfvae.ModelConfig(image_shape=(27, 21, channels), latent_size=2, hidden_sizes=(8,),
                              conv_channels=(4, 8, 8), architecture=architecture,
                              likelihood=likelihood, observation_scale=scale,
-                             mixture_components=mixture)
+                             mixture_components=mixture, coupled_channels=coupled)
   vae = tfvae.VAE(config)
   x = np.random.default_rng(0).integers(0, 256, (3, 27, 21, channels)).astype(np.uint8)
   terms = vae.per_example_terms(x, tf.constant([0, 1]))
@@ -37,6 +40,35 @@ def test_every_likelihood_and_architecture_builds(likelihood, scale, mixture, ar
   reconstruction = vae.reconstruct(x).numpy()
   assert reconstruction.shape == (3, 27, 21, channels)
   assert np.all((reconstruction >= 0) & (reconstruction <= 1))
+
+
+@pytest.mark.parametrize("image_shape, conv_channels", [((27, 21, 3), (4, 8, 8)),
+                                                        ((8, 8, 1), (4,))])
+def test_a_spatial_latent_is_a_map_on_the_coarsest_grid(image_shape, conv_channels):
+  # 27x21 in three stages: a 7x6 grid, so latent_size 84 is a two-channel map.
+  cells = 42 if len(conv_channels) == 3 else 64
+  config = tfvae.ModelConfig(image_shape=image_shape, latent_size=2 * cells,
+                             architecture="conv", conv_channels=conv_channels,
+                             spatial_latent=True, likelihood="discretized_logistic")
+  vae = tfvae.VAE(config)
+  assert config.coarsest_grid == ((7, 6) if cells == 42 else (8, 8))
+  assert vae.encoder.network.get_layer("posterior_loc").output.shape[1:] == (
+      *config.coarsest_grid, 2)
+  assert vae.decoder.network.get_layer("decoder_grid").output.shape[1:] == (
+      *config.coarsest_grid, 2)
+  assert not any(isinstance(layer, keras.layers.Dense)
+                 for network in (vae.encoder.network, vae.decoder.network)
+                 for layer in network.layers)
+  x = np.random.default_rng(0).integers(0, 256, (3, *image_shape)).astype(np.uint8)
+  posterior = vae.encoder(x)
+  assert posterior.event_shape == [2 * cells]
+  # The means are the loc head's map, position-major.
+  head = keras.Model(vae.encoder.network.input,
+                     vae.encoder.network.get_layer("posterior_loc").output)
+  np.testing.assert_allclose(posterior.mean().numpy(),
+                             head(x.astype(np.float32) / 255).numpy().reshape(3, -1), rtol=1e-5)
+  terms = vae.per_example_terms(x, tf.constant([0, 1]))
+  assert all(np.all(np.isfinite(terms[k])) for k in terms)
 
 
 def test_fit_on_real_mnist_lowers_the_loss(mnist_slice):
@@ -237,15 +269,16 @@ def _colourfulness(images: np.ndarray) -> np.ndarray:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("likelihood, scale", [("discretized_logistic", None),
-                                               ("gaussian_fixed", 0.1)])
+@pytest.mark.parametrize("likelihood, scale, coupled", [("discretized_logistic", None, False),
+                                                        ("discretized_logistic", None, True),
+                                                        ("gaussian_fixed", 0.1, False)])
 def test_conv_reconstructions_of_real_colour_images_keep_their_colour(cifar_jpegs, likelihood,
-                                                                      scale):
+                                                                      scale, coupled):
   train_images, test_images = cifar_jpegs
   keras.utils.set_random_seed(0)
   config = tfvae.ModelConfig(image_shape=(32, 32, 3), latent_size=32, architecture="conv",
                              conv_channels=(16, 32, 64), likelihood=likelihood,
-                             observation_scale=scale)
+                             observation_scale=scale, coupled_channels=coupled)
   vae = tfvae.VAE(config)
   vae.compile(optimizer=keras.optimizers.Adam(2e-3))
   binarize = likelihood == "bernoulli"

@@ -24,9 +24,9 @@ FLAGS = flags.FLAGS
 # --help's sections: flag names in the order shown; the flags are defined below.
 HELP_GROUPS = {
     "data": ["dataset", "data_dir", "image_size", "validation_examples", "max_examples"],
-    "model": ["likelihood", "observation_scale", "mixture_components", "latent_size",
-              "hidden_sizes", "architecture", "conv_channels", "activation", "num_samples",
-              "objective", "gradient_estimator", "beta"],
+    "model": ["likelihood", "observation_scale", "mixture_components", "coupled_channels",
+              "latent_size", "hidden_sizes", "architecture", "conv_channels", "spatial_latent",
+              "activation", "num_samples", "objective", "gradient_estimator", "beta"],
     "training": ["epochs", "batch_size", "optimizer", "learning_rate", "lr_schedule",
                  "adam_epsilon", "weight_decay", "seed", "early_stopping_patience",
                  "init_output_bias", "eval_num_samples"],
@@ -60,6 +60,9 @@ def define_model_flags() -> None:
   flags.DEFINE_integer("latent_size", defaults.latent_size, "Dimension of z.")
   flags.DEFINE_integer("mixture_components", defaults.mixture_components,
                        "Logistics per pixel-channel of --likelihood=discretized_logistic.")
+  flags.DEFINE_bool("coupled_channels", defaults.coupled_channels, "For"
+                    " --likelihood=discretized_logistic: couple a pixel's channels in order"
+                    " (PixelCNN++'s R, then G given R, then B), one mixture a pixel.")
   flags.DEFINE_list("hidden_sizes", [str(h) for h in defaults.hidden_sizes],
                     "Hidden layer widths of the mlp, comma separated.")
   flags.DEFINE_enum("architecture", defaults.architecture, config.ARCHITECTURES,
@@ -67,6 +70,9 @@ def define_model_flags() -> None:
   flags.DEFINE_list("conv_channels", [str(c) for c in defaults.conv_channels],
                     "Widths of the conv net's stages, comma separated; each stage after the"
                     " first halves the height and width.")
+  flags.DEFINE_bool("spatial_latent", defaults.spatial_latent, "For --architecture=conv: z is a"
+                    " map on the conv net's coarsest grid (--latent_size a multiple of its"
+                    " cells, e.g. 512 = 8x8x8 for 32x32 images and three stages).")
   flags.DEFINE_string("activation", defaults.activation, "Keras activation of hidden layers.")
   flags.DEFINE_integer("num_samples", defaults.num_samples,
                        "L, samples of z per example (K for --objective=iwae).")
@@ -162,9 +168,10 @@ def model_config_from_flags(image_shape, standardize: bool = False) -> config.Mo
   return config.ModelConfig(
       image_shape=image_shape, latent_size=FLAGS.latent_size,
       hidden_sizes=_integers("hidden_sizes", "500 or 512,256"), architecture=FLAGS.architecture,
-      conv_channels=_integers("conv_channels", "32,64,128"), activation=FLAGS.activation,
+      conv_channels=_integers("conv_channels", "32,64,128"), spatial_latent=FLAGS.spatial_latent,
+      activation=FLAGS.activation,
       likelihood=FLAGS.likelihood, observation_scale=FLAGS.observation_scale,
-      mixture_components=FLAGS.mixture_components,
+      mixture_components=FLAGS.mixture_components, coupled_channels=FLAGS.coupled_channels,
       num_samples=FLAGS.num_samples, objective=FLAGS.objective, beta=FLAGS.beta,
       gradient_estimator=FLAGS.gradient_estimator,
       standardize=standardize and LIKELIHOODS[FLAGS.likelihood].data == "real")

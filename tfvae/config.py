@@ -56,6 +56,9 @@ class ModelConfig:
     architecture: "mlp" (as in the paper) or "conv" (a residual network; tfvae.networks).
     conv_channels: the conv net's widths, one stage each (encoder order; the decoder mirrors
       them); each stage after the first halves the height and width.
+    spatial_latent: the conv net's z is a map on its coarsest grid, latent_size / (h w)
+      channels, flattened position-major; the decoder starts from it with a convolution
+      instead of a Dense layer.
     activation: any Keras activation name for the hidden layers (the paper used tanh; relu
       reaches a better bound in the same time with Adam).
     likelihood: a name in tfvae.distributions.LIKELIHOODS: "bernoulli" (binary pixels, from
@@ -63,6 +66,9 @@ class ModelConfig:
       (scale = observation_scale), or "discretized_logistic" (8-bit pixels).
     observation_scale: the fixed pixel standard deviation of "gaussian_fixed".
     mixture_components: logistics in each pixel-channel's mixture (discretized_logistic).
+    coupled_channels: discretized_logistic of a pixel's channels coupled in order, each
+      channel's locations shifted by the earlier channels' values (PixelCNN++'s R, G, B), with
+      one mixture a pixel.
     num_samples: L, the Monte Carlo samples of z per example (K for the IWAE bound).
     objective: "elbo" (Kingma & Welling, eq. 10) or "iwae" (Burda et al., 2015).
     beta: weight of the KL term in the training loss; 1 is the ELBO, 0 an auto-encoder.
@@ -82,6 +88,8 @@ class ModelConfig:
   observation_scale: float | None = None
   conv_channels: tuple[int, ...] = (32, 64, 128)
   mixture_components: int = 1
+  coupled_channels: bool = False
+  spatial_latent: bool = False
   num_samples: int = 1
   objective: str = "elbo"
   beta: float = 1.0
@@ -133,6 +141,13 @@ class ModelConfig:
     require(self.mixture_components == 1 or LIKELIHOODS[self.likelihood].mixture,
             f"mixture_components={self.mixture_components} is for a mixture likelihood"
             f" (discretized_logistic), not {self.likelihood}; drop --mixture_components")
+    if self.coupled_channels:
+      require(LIKELIHOODS[self.likelihood].mixture,
+              f"coupled_channels is for discretized_logistic, not {self.likelihood}; drop"
+              f" --coupled_channels")
+      require(len(self.image_shape) == 3 and self.image_shape[-1] >= 2,
+              f"coupled_channels couples a pixel's channels; images of shape"
+              f" {self.image_shape} have one; drop --coupled_channels")
     _one_of("gradient_estimator", self.gradient_estimator, GRADIENT_ESTIMATORS)
     require(self.gradient_estimator != "dreg" or self.objective == "iwae",
             "gradient_estimator=dreg is for the IWAE bound; pass --objective=iwae"
@@ -147,6 +162,15 @@ class ModelConfig:
       require(len(self.image_shape) == 3,
               f"architecture=conv takes images, not vectors {self.image_shape}; use"
               f" --architecture=mlp")
+    if self.spatial_latent:
+      require(self.architecture == "conv",
+              "spatial_latent is a map on the conv net's grid; pass --architecture=conv or drop"
+              " --spatial_latent")
+      cells = math.prod(self.coarsest_grid)
+      require(self.latent_size % cells == 0,
+              f"spatial_latent puts latent_size={self.latent_size} on the {self.coarsest_grid[0]}x"
+              f"{self.coarsest_grid[1]} grid: pass a multiple of {cells}, e.g."
+              f" --latent_size={cells * max(1, round(self.latent_size / cells))}")
 
   def to_dict(self) -> dict[str, Any]:
     """Returns a JSON-friendly dict that `from_dict` turns back into an equal config."""
@@ -155,6 +179,14 @@ class ModelConfig:
     values["hidden_sizes"] = list(self.hidden_sizes)
     values["conv_channels"] = list(self.conv_channels)
     return values
+
+  @property
+  def coarsest_grid(self) -> tuple[int, int]:
+    """The conv net's smallest height and width: each stage after the first halves them,
+    rounding up (a stride-2 convolution with "same" padding)."""
+    height, width = self.image_shape[:2]
+    halvings = 2 ** (len(self.conv_channels) - 1)
+    return -(-height // halvings), -(-width // halvings)
 
   @property
   def event_ndims(self) -> int:

@@ -148,7 +148,7 @@ class Decoder(_ConfiguredModel):
   [...].
 
   network, if given, is a Keras model mapping z [B, J] to [B, H, W, C * k] (or [B, D * k]) raw
-  likelihood parameters, k = tfvae.distributions.params_per_pixel(likelihood, M); in
+  likelihood parameters, C * k = tfvae.distributions.output_channels(likelihood, C, M, ...); in
   standardized units when model_config.standardize, and p(x|z) is of the raw values.
   """
 
@@ -169,7 +169,8 @@ class Decoder(_ConfiguredModel):
                         tf.convert_to_tensor(self.feature_std)) if config.standardize else None)
     return distributions.make_likelihood(config.likelihood, params,  # [L, B, H, W, Ck]
                                          config.observation_scale, config.event_ndims,
-                                         standardization, config.mixture_components)
+                                         standardization, config.mixture_components,
+                                         config.coupled_channels)
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)

@@ -12,7 +12,7 @@ import math
 import keras
 
 from tfvae.config import ModelConfig
-from tfvae.distributions import params_per_pixel
+from tfvae.distributions import output_channels
 
 
 def _dense_stack(config: ModelConfig, sizes, name: str) -> list[keras.layers.Layer]:
@@ -43,21 +43,15 @@ def _norm_act(h, config: ModelConfig, name: str):
   return keras.layers.Activation(config.activation, name=f"{name}_act")(h)
 
 
-def _smallest_grid(config: ModelConfig) -> tuple[int, int]:
-  """The conv net's coarsest height and width: each stage after the first halves them,
-  rounding up (a stride-2 convolution with "same" padding)."""
-  height, width, _ = config.image_shape
-  halvings = 2 ** (len(config.conv_channels) - 1)
-  return -(-height // halvings), -(-width // halvings)
-
-
 def build_encoder_network(config: ModelConfig) -> keras.Model:
   """x [B, H, W, C] -> [B, 2 * latent_size]: the recognition model's parameters.
 
   mlp: Flatten, then Dense(h) for h in hidden_sizes (Kingma & Welling, appendix C.2).
   conv: a 3x3 convolution to conv_channels[0], then one residual block per stage, each stage
     after the first entered by a stride-2 3x3 convolution to its width (H, W -> ceil(H/2),
-    ceil(W/2)), group normalization inside the blocks' branches; Flatten.
+    ceil(W/2)), group normalization inside the blocks' branches; Flatten, then Dense; or with
+    spatial_latent two 1x1 convolutions to the means and raw scales of a latent map on the
+    coarsest grid, each flattened.
   """
   x = keras.Input(shape=config.image_shape, name="x")
   if config.architecture == "mlp":
@@ -75,17 +69,31 @@ def build_encoder_network(config: ModelConfig) -> keras.Model:
   # Normalized only inside the residual branches: a per-example normalization here would
   # remove each image's mean colour and contrast.
   h = keras.layers.Activation(config.activation, name="encoder_out_act")(h)
-  h = keras.layers.Flatten(name="flatten")(h)
   # The parameters stay float32 under mixed precision (16 bits would round them coarsely).
-  params = keras.layers.Dense(2 * config.latent_size, name="posterior_params", dtype="float32")(h)
+  if config.spatial_latent:  # means, then raw scales, each a map flattened position-major
+    heads = [keras.layers.Flatten(name=f"flatten_{part}")(keras.layers.Conv2D(
+        latent_channels(config), 1, name=f"posterior_{part}", dtype="float32")(h))
+             for part in ("loc", "scale")]
+    params = keras.layers.Concatenate(name="posterior_params", dtype="float32")(heads)
+  else:
+    h = keras.layers.Flatten(name="flatten")(h)
+    params = keras.layers.Dense(2 * config.latent_size, name="posterior_params",
+                                dtype="float32")(h)
   return keras.Model(x, params, name="encoder_network")
 
 
+def latent_channels(config: ModelConfig) -> int:
+  """Channels of a spatial latent: latent_size values on the conv net's coarsest grid."""
+  height, width = config.coarsest_grid
+  return config.latent_size // (height * width)
+
+
 def decoder_output_shape(config: ModelConfig) -> tuple[int, ...]:
-  """(H, W, C * k), or (D * k,) for vectors: a decoder network's output for one latent, k raw
-  parameters per value."""
+  """(H, W, P), or (P,) for vectors: a decoder network's output for one latent,
+  P = tfvae.distributions.output_channels (C * k, k raw parameters per value)."""
   *outer, last = config.image_shape
-  return (*outer, last * params_per_pixel(config.likelihood, config.mixture_components))
+  return (*outer, output_channels(config.likelihood, last, config.mixture_components,
+                                  config.coupled_channels))
 
 
 def build_decoder_network(config: ModelConfig) -> keras.Model:
@@ -93,7 +101,8 @@ def build_decoder_network(config: ModelConfig) -> keras.Model:
   parameters.
 
   mlp: Dense(h) for h in reversed(hidden_sizes), then Dense to the parameters.
-  conv: the encoder mirrored: Dense to the coarsest grid at conv_channels[-1], a residual
+  conv: the encoder mirrored: Dense to the coarsest grid at conv_channels[-1] (with
+    spatial_latent: z reshaped to its map, then a 3x3 convolution to that width), a residual
     block per stage, each stage after it entered by a stride-2 transposed convolution that
     doubles H and W; a centred crop to H x W, then a 3x3 convolution to the parameters.
   """
@@ -105,10 +114,14 @@ def build_decoder_network(config: ModelConfig) -> keras.Model:
                                                 dtype="float32"),
                              keras.layers.Reshape(output_shape)], name="decoder_network")
   height, width, out_channels = output_shape
-  small = _smallest_grid(config)
+  small = config.coarsest_grid
   widths = config.conv_channels[::-1]
-  h = keras.layers.Dense(math.prod((*small, widths[0])), name="decoder_dense")(z)
-  h = keras.layers.Reshape((*small, widths[0]), name="decoder_grid")(h)
+  if config.spatial_latent:
+    h = keras.layers.Reshape((*small, latent_channels(config)), name="decoder_grid")(z)
+    h = keras.layers.Conv2D(widths[0], 3, padding="same", name="decoder_stem")(h)
+  else:
+    h = keras.layers.Dense(math.prod((*small, widths[0])), name="decoder_dense")(z)
+    h = keras.layers.Reshape((*small, widths[0]), name="decoder_grid")(h)
   for i, channels in enumerate(widths):
     if i:
       h = keras.layers.Conv2DTranspose(channels, 3, strides=2, padding="same",
