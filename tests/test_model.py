@@ -69,6 +69,14 @@ def test_a_spatial_latent_is_a_map_on_the_coarsest_grid(image_shape, conv_channe
                              head(x.astype(np.float32) / 255).numpy().reshape(3, -1), rtol=1e-5)
   terms = vae.per_example_terms(x, tf.constant([0, 1]))
   assert all(np.all(np.isfinite(terms[k])) for k in terms)
+  keras.mixed_precision.set_dtype_policy("mixed_bfloat16")
+  try:  # the posterior's parameters stay float32 from the heads on
+    mixed = tfvae.VAE(config).encoder.network
+  finally:
+    keras.mixed_precision.set_dtype_policy("float32")
+  assert mixed.get_layer("encoder_stem").compute_dtype == "bfloat16"
+  assert all(mixed.get_layer(f"{kind}_{part}").compute_dtype == "float32"
+             for kind in ("posterior", "flatten") for part in ("loc", "scale"))
 
 
 def test_fit_on_real_mnist_lowers_the_loss(mnist_slice):

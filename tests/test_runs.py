@@ -61,6 +61,22 @@ def test_a_changed_configuration_never_resumes(finished, change, what):
   assert (tmp_path / "w" / "last.keras").read_bytes() == before  # nothing touched
 
 
+def test_a_run_recorded_before_a_setting_existed_resumes_at_its_default(tmp_path):
+  model, train = tfvae.ModelConfig(), tfvae.TrainConfig()
+  run = runs.identity(model, train, "digest")
+  older = json.loads(json.dumps(run))
+  del older["model_config"]["coupled_channels"], older["model_config"]["spatial_latent"]
+  (tmp_path / runs.RUN_FILE).write_text(json.dumps({**older, "epochs_done": 1}))
+  assert runs.check(tmp_path, run, 1) == runs.Standing(1, False)
+  # A new setting away from its default is another configuration.
+  changed = runs.identity(tfvae.ModelConfig(image_shape=(8, 8, 3), architecture="conv",
+                                            likelihood="discretized_logistic",
+                                            coupled_channels=True), train, "digest")
+  (tmp_path / runs.RUN_FILE).write_text(json.dumps({**older, "epochs_done": 1}))
+  with pytest.raises(runs.WorkdirError, match="coupled_channels False -> True"):
+    runs.check(tmp_path, changed, 1)
+
+
 def test_a_finished_run_reports_done_and_a_longer_one_continues(finished, tmp_path):
   source, data_dir = finished
   # A copy, so the other tests keep the finished run of 2 epochs.

@@ -278,9 +278,10 @@ class CoupledDiscretizedLogistic(tfd.Distribution):
   so P(x) = sum_m pi_m prod_c P_cm(x_c | x_<c): PixelCNN++'s R, then G given R, then B given R
   and G (Salimans et al., 2017), exact and summing to 1 over the 256^C values of a pixel.
 
-  The mean: channel 1's exactly; each later channel's given the earlier ones at their means,
-  per component. That is E[x] wherever the locations stay clear of 0 and 1 (a channel's mean
-  is linear in the earlier values there), and a Jensen gap of the clipping where they do not.
+  The mean: the first channel's exactly; each later channel's given the earlier ones at their
+  means, per component. That is E[x] wherever the locations stay clear of 0 and 1 (there a
+  channel's mean is its location, linear in the earlier values, up to the rounding's ripple at
+  scales below a level), and a Jensen gap of the clipping where they do not.
 
   Args:
     loc, scale: [..., C, M].
@@ -388,7 +389,11 @@ def _coupled_logistic(params: tf.Tensor, mixture_components: int) -> CoupledDisc
   PixelCNN++."""
   m = mixture_components
   per_component = params.shape[-1] // m - (m > 1)
-  channels = next(c for c in range(1, per_component + 1) if c * (c + 3) // 2 == per_component)
+  channels = next((c for c in range(1, per_component + 1) if c * (c + 3) // 2 == per_component),
+                  None)
+  if channels is None:
+    raise ValueError(f"{params.shape[-1]} raw outputs a pixel are not output_channels(...,"
+                     f" mixture_components={m}, coupled_channels=True) for any channel count")
   pairs = channels * (channels - 1) // 2
   loc, raw_scale, raw_coefficients, *logits = tf.split(
       params, [channels * m, channels * m, pairs * m] + [m] * (m > 1), axis=-1)

@@ -1,8 +1,8 @@
 """Keras networks that emit raw parameter tensors; distributions are built in tfvae.model.
 
 An encoder network maps images [B, H, W, C] (or vectors [B, D]) to [B, 2J] (means, raw scales);
-a decoder network maps latents [B, J] to [B, H, W, C * k] (or [B, D * k]) raw likelihood
-parameters, k from the likelihood.
+a decoder network maps latents [B, J] to [B, H, W, P] (or [B, P]) raw likelihood parameters,
+P = tfvae.distributions.output_channels (C * k, k from the likelihood).
 """
 
 from __future__ import annotations
@@ -71,9 +71,11 @@ def build_encoder_network(config: ModelConfig) -> keras.Model:
   h = keras.layers.Activation(config.activation, name="encoder_out_act")(h)
   # The parameters stay float32 under mixed precision (16 bits would round them coarsely).
   if config.spatial_latent:  # means, then raw scales, each a map flattened position-major
-    heads = [keras.layers.Flatten(name=f"flatten_{part}")(keras.layers.Conv2D(
-        latent_channels(config), 1, name=f"posterior_{part}", dtype="float32")(h))
-             for part in ("loc", "scale")]
+    heads = []
+    for part in ("loc", "scale"):
+      head = keras.layers.Conv2D(latent_channels(config), 1, name=f"posterior_{part}",
+                                 dtype="float32")(h)
+      heads.append(keras.layers.Flatten(name=f"flatten_{part}", dtype="float32")(head))
     params = keras.layers.Concatenate(name="posterior_params", dtype="float32")(heads)
   else:
     h = keras.layers.Flatten(name="flatten")(h)

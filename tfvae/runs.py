@@ -96,7 +96,12 @@ def check(workdir: pathlib.Path, run: dict[str, Any], epochs_done: int) -> Stand
   except (OSError, ValueError) as e:
     raise WorkdirError(f"{path} is unreadable ({e}); {fix}") from e
   asked = run["train_config"]["epochs"]
-  previous = {**recorded, "train_config": {**recorded.get("train_config", {}), "epochs": asked}}
+  # A setting newer than the recorded run had its default then.
+  defaults = identity(ModelConfig(), TrainConfig(), "")
+  previous = {**recorded,
+              "model_config": {**defaults["model_config"], **recorded.get("model_config", {})},
+              "train_config": {**defaults["train_config"], **recorded.get("train_config", {}),
+                               "epochs": asked}}
   previous.pop("epochs_done", None)
   differences = _differences(previous, run)
   if differences:
