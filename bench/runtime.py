@@ -10,8 +10,9 @@ other; inside a process each trainer first trains a warm-up epoch (tracing), the
 trains one timed epoch in turn. The table gives each trainer's median examples/s over the
 rounds and its ratio to the default. Results: docs/BENCHMARKS.md.
 
---model=conv times configs/cifar10_conv.flags's network instead (32x32x3, conv_channels
-16,32,64, latent 64, the discretized logistic, batch 64) on 6,400 random 8-bit images, 100 steps
+--model=conv times a CIFAR-10 conv net instead (32x32x3, conv_channels 16,32,64 as in
+configs/cifar10_conv.flags, but a 64-d latent through Dense layers and uncoupled channels, as
+that file had them when the table was made; batch 64) on 6,400 random 8-bit images, 100 steps
 an epoch: a convolution's cost does not depend on the pixel values.
 """
 
