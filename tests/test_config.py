@@ -30,6 +30,8 @@ def test_dict_round_trip_is_equal():
     ({"objective": "iwae", "num_samples": 1}, "num_samples=K with K >= 2"),
     ({"objective": "iwae", "num_samples": 5, "beta": 0.5}, "no KL weight"),
     ({"beta": -1.0}, "beta=-1.0"),
+    ({"kl_warmup_steps": -1}, "kl_warmup_steps=-1 must be >= 0"),
+    ({"objective": "iwae", "num_samples": 5, "kl_warmup_steps": 100}, "no KL weight to warm up"),
     ({"hidden_sizes": ()}, "at least one positive width"),
     ({"architecture": "conv", "image_shape": (30,)}, "takes images, not vectors"),
     ({"standardize": True}, "standardized features need a likelihood of real values"),

@@ -171,6 +171,33 @@ def test_metrics_are_per_example_means_over_all_batches(binary_batch, small_conf
   assert set(reported) == set(METRIC_NAMES)
 
 
+def test_kl_warmup_weighs_the_kl_of_each_training_step_by_the_optimizers_step(binary_batch,
+                                                                                tmp_path):
+  config = tfvae.ModelConfig(latent_size=4, hidden_sizes=(32,), beta=0.5, kl_warmup_steps=4)
+  vae = tfvae.VAE(config)
+  vae.compile(optimizer=keras.optimizers.Adam(1e-3))
+  # One step an epoch, so each epoch's means are one step's: loss = nll + w_t kl at step t.
+  history = vae.fit(binary_batch, batch_size=8, epochs=3, verbose=0).history
+  weights = [0.0, 0.125, 0.25]  # 0.5 * t / 4
+  np.testing.assert_allclose(history["loss"],
+                             np.add(history["nll"], np.multiply(weights, history["kl"])),
+                             rtol=1e-6)
+  assert min(history["kl"]) > 1e-3  # a weight ignored would show
+  evaluated = vae.evaluate(binary_batch, batch_size=8, verbose=0, return_dict=True)
+  np.testing.assert_allclose(evaluated["loss"], evaluated["nll"] + 0.5 * evaluated["kl"],
+                             rtol=1e-6)  # evaluation weighs the KL by beta
+  # The weight follows the optimizer's step, which the .keras file keeps: a reloaded model
+  # goes on from 0.375 to beta.
+  vae.save(tmp_path / "vae.keras")
+  loaded = keras.saving.load_model(tmp_path / "vae.keras")
+  assert float(loaded.kl_weight()) == 0.375
+  history = loaded.fit(binary_batch, batch_size=8, epochs=3, verbose=0).history
+  np.testing.assert_allclose(history["loss"],
+                             np.add(history["nll"], np.multiply([0.375, 0.5, 0.5],
+                                                                history["kl"])),
+                             rtol=1e-6)
+
+
 def test_sampling_is_deterministic_per_seed(small_config):
   vae = tfvae.VAE(small_config)
   a, b, c = vae.sample(5, seed=3), vae.sample(5, seed=3), vae.sample(5, seed=4)

@@ -37,11 +37,13 @@ def _assert_same_training(a, b, history_a, history_b, rtol=1e-6, atol=1e-7):
     np.testing.assert_allclose(history_b[name], history_a[name], rtol=rtol, err_msg=name)
 
 
-@pytest.mark.parametrize("steps_per_execution", [4, 5])
-def test_blocks_of_steps_train_exactly_like_one_step_per_call(mnist_slice, steps_per_execution):
-  # 12 steps an epoch: blocks of 4, 4, 4, or of 5, 5 and a last block of 2 (no divisor needed).
+@pytest.mark.parametrize("steps_per_execution, kl_warmup_steps", [(4, 0), (5, 10)])
+def test_blocks_of_steps_train_exactly_like_one_step_per_call(mnist_slice, steps_per_execution,
+                                                              kl_warmup_steps):
+  # 12 steps an epoch: blocks of 4, 4, 4, or of 5, 5 and a last block of 2 (no divisor needed);
+  # a KL warm-up inside a block weighs each of its steps by that step's own weight.
   x_train, x_test = mnist_slice
-  config = tfvae.ModelConfig(latent_size=4, hidden_sizes=(32,))
+  config = tfvae.ModelConfig(latent_size=4, hidden_sizes=(32,), kl_warmup_steps=kl_warmup_steps)
   test = data.eval_pipeline(data.eval_arrays(x_test, bernoulli=True, binary=False), 30)
   plain, plain_history = _fit(x_train[:600], config, tfvae.Runtime.plain(), validation=test)
   fast, fast_history = _fit(x_train[:600], config, tfvae.Runtime(

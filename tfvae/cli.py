@@ -26,7 +26,8 @@ HELP_GROUPS = {
     "data": ["dataset", "data_dir", "image_size", "validation_examples", "max_examples"],
     "model": ["likelihood", "observation_scale", "mixture_components", "coupled_channels",
               "latent_size", "hidden_sizes", "architecture", "conv_channels", "spatial_latent",
-              "activation", "num_samples", "objective", "gradient_estimator", "beta"],
+              "activation", "num_samples", "objective", "gradient_estimator", "beta",
+              "kl_warmup_steps"],
     "training": ["epochs", "batch_size", "optimizer", "learning_rate", "lr_schedule",
                  "adam_epsilon", "weight_decay", "seed", "early_stopping_patience",
                  "init_output_bias", "eval_num_samples"],
@@ -81,6 +82,9 @@ def define_model_flags() -> None:
   flags.DEFINE_enum("gradient_estimator", defaults.gradient_estimator, config.GRADIENT_ESTIMATORS,
                     "For --objective=iwae: standard, or dreg (Tucker et al., 2018).")
   flags.DEFINE_float("beta", defaults.beta, "KL weight: 1 is the ELBO, 0 an auto-encoder.")
+  flags.DEFINE_integer("kl_warmup_steps", defaults.kl_warmup_steps, "Raise the KL weight"
+                       " linearly from 0 to --beta over this many optimizer steps, against"
+                       " posterior collapse early in training; 0: none.")
 
 
 def define_train_flags() -> None:
@@ -173,6 +177,7 @@ def model_config_from_flags(image_shape, standardize: bool = False) -> config.Mo
       likelihood=FLAGS.likelihood, observation_scale=FLAGS.observation_scale,
       mixture_components=FLAGS.mixture_components, coupled_channels=FLAGS.coupled_channels,
       num_samples=FLAGS.num_samples, objective=FLAGS.objective, beta=FLAGS.beta,
+      kl_warmup_steps=FLAGS.kl_warmup_steps,
       gradient_estimator=FLAGS.gradient_estimator,
       standardize=standardize and LIKELIHOODS[FLAGS.likelihood].data == "real")
 

@@ -72,6 +72,10 @@ class ModelConfig:
     num_samples: L, the Monte Carlo samples of z per example (K for the IWAE bound).
     objective: "elbo" (Kingma & Welling, eq. 10) or "iwae" (Burda et al., 2015).
     beta: weight of the KL term in the training loss; 1 is the ELBO, 0 an auto-encoder.
+    kl_warmup_steps: the KL weight of training steps rises linearly from 0 to beta over this
+      many optimizer steps (Bowman et al., 2016; Sonderby et al., 2016), so the decoder learns
+      to use z before the KL can push q(z|x) onto the prior; 0 trains on beta from the first
+      step. Evaluation always weighs the KL by beta.
     gradient_estimator: "standard", or "dreg" for objective=iwae: the doubly reparameterized
       gradient of Tucker et al. (2018), the same in expectation with less encoder variance.
     standardize: real-valued features: the model standardizes them with statistics of the
@@ -93,6 +97,7 @@ class ModelConfig:
   num_samples: int = 1
   objective: str = "elbo"
   beta: float = 1.0
+  kl_warmup_steps: int = 0
   standardize: bool = False
   gradient_estimator: str = "standard"
 
@@ -123,6 +128,11 @@ class ModelConfig:
             f"beta={self.beta} must be a finite number >= 0 (1 is the ELBO, 0 an auto-encoder)")
     require(self.objective != "iwae" or self.beta == 1.0,
             f"objective=iwae has no KL weight; drop --beta={self.beta} or use --objective=elbo")
+    require(self.kl_warmup_steps >= 0,
+            f"kl_warmup_steps={self.kl_warmup_steps} must be >= 0 (0: no warm-up)")
+    require(self.objective != "iwae" or not self.kl_warmup_steps,
+            f"objective=iwae has no KL weight to warm up; drop"
+            f" --kl_warmup_steps={self.kl_warmup_steps} or use --objective=elbo")
     if LIKELIHOODS[self.likelihood].fixed_scale:
       require(self.observation_scale is not None and math.isfinite(self.observation_scale)
                and self.observation_scale > 0,

@@ -266,13 +266,30 @@ class VAE(keras.Model):
 
   def per_example_terms(self, x, seed, training=False,
                         num_samples: int | None = None) -> dict[str, tf.Tensor]:
-    """The objective's per-example [B] terms for x; see tfvae.objectives.per_example_loss."""
+    """The objective's per-example [B] terms for x; see tfvae.objectives.per_example_loss.
+
+    A training step's loss weighs the KL by `kl_weight()`; any other, by model_config.beta.
+    """
     x = to_unit_float(x)
     return objectives.per_example_loss(
         self.model_config.objective, x, self.encoder(x, training=training), self.prior,
         lambda z: self.decoder(z, training=training),
-        num_samples or self.model_config.num_samples, seed, beta=self.model_config.beta,
+        num_samples or self.model_config.num_samples, seed,
+        beta=self.kl_weight() if training else self.model_config.beta,
         gradient_estimator=self.model_config.gradient_estimator)
+
+  def kl_weight(self) -> float | tf.Tensor:
+    """The KL weight of the next training step: beta * min(1, step / kl_warmup_steps).
+
+    A function of the optimizer's step counter, like the learning-rate schedules, so a resumed
+    run continues the warm-up where it stopped.
+    """
+    beta, warmup = self.model_config.beta, self.model_config.kl_warmup_steps
+    optimizer = getattr(self, "optimizer", None)  # None: not compiled, no step taken
+    if not warmup or optimizer is None:
+      return beta
+    step = tf.cast(optimizer.iterations, tf.float32)
+    return beta * tf.minimum(1.0, step / warmup)
 
   def _train_seed(self) -> tf.Tensor:
     """The reparameterization noise seed of a training step: f(seed, step, replica).

@@ -225,13 +225,13 @@ def iwae_dreg_terms(x: tf.Tensor, posterior: tfd.Distribution, prior: tfd.Distri
 
 def per_example_loss(objective: str, x: tf.Tensor, posterior: tfd.Distribution,
                      prior: tfd.Distribution, decode: DecodeFn, num_samples: int,
-                     seed: tf.Tensor, beta: float = 1.0,
+                     seed: tf.Tensor, beta: float | tf.Tensor = 1.0,
                      gradient_estimator: str = "standard") -> dict[str, tf.Tensor]:
   """The training loss and the reported terms, all [B].
 
   Args:
-    objective: "elbo": loss = nll + beta * kl (beta = 1 is -ELBO, beta = 0 an auto-encoder);
-      "iwae": loss = -iwae bound (beta must be 1).
+    objective: "elbo": loss = nll + beta * kl (beta = 1 is -ELBO, beta = 0 an auto-encoder;
+      a scalar tensor for a schedule); "iwae": loss = -iwae bound (beta must be 1).
     gradient_estimator: for iwae, "standard" (the reparameterization gradient of the bound)
       or "dreg" (`iwae_dreg_terms`).
 
