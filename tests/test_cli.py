@@ -279,6 +279,23 @@ def test_channels_first_npz_fails_before_training(tmp_path):
   assert "transpose(0, 2, 3, 1)" in lines[-1] and not (tmp_path / "r").exists()
 
 
+def test_a_colour_folder_with_the_default_bernoulli_fails_before_training(tmp_path):
+  rng = np.random.default_rng(0)
+  from PIL import Image
+  for split, count in (("train", 20), ("test", 4)):
+    (tmp_path / "photos" / split).mkdir(parents=True)
+    for i in range(count):
+      Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(
+          tmp_path / "photos" / split / f"{i}.png")
+  result = _run("train", f"--dataset=folder:{tmp_path / 'photos'}",
+                f"--workdir={tmp_path / 'r'}", f"--export_dir={tmp_path / 'm'}", timeout=120)
+  assert result.returncode != 0
+  lines = result.stderr.strip().splitlines()
+  assert "would binarize channel by channel" in lines[-1] and "Traceback" not in result.stderr
+  assert "--likelihood=discretized_logistic" in lines[-1]
+  assert not (tmp_path / "r").exists() and not (tmp_path / "m").exists()
+
+
 def test_every_flagfile_in_configs_gives_valid_configs():
   script = """
 import pathlib, sys

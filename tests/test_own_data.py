@@ -364,6 +364,25 @@ def test_bernoulli_on_real_vectors_is_refused(tmp_path):
     training.train(config, tfvae.TrainConfig(epochs=1), tmp_path, dataset=dataset, verbose=0)
 
 
+def test_bernoulli_on_8_bit_colour_images_is_refused_with_the_likelihoods_that_fit(tmp_path):
+  rng = np.random.default_rng(0)
+  photos = rng.integers(0, 256, (60, 8, 8, 3), dtype=np.uint8)
+  colour = data.Dataset("npz:photos", photos[:50], photos[50:], binary=False)
+  config = tfvae.ModelConfig(image_shape=(8, 8, 3), hidden_sizes=(8,))  # bernoulli
+  with pytest.raises(tfvae.ConfigError, match=r"npz:photos holds images of 3 channels,"
+                     r" which likelihood=bernoulli would binarize channel by channel; .* Pass"
+                     r" --likelihood=discretized_logistic \(8-bit pixels\) or gaussian"):
+    training.train(config, tfvae.TrainConfig(epochs=1), tmp_path / "run", dataset=colour,
+                   verbose=0)
+  assert not (tmp_path / "run" / "run.json").exists()  # refused before the run began
+  # Black-and-white colour images are binary data, and grey levels are binarized as MNIST is.
+  masks = data.Dataset("npz:masks", (photos[:50] > 127) * np.uint8(255),
+                       (photos[50:] > 127) * np.uint8(255), binary=True)
+  training.check_model_fits(config, masks)
+  grey = data.Dataset("npz:grey", photos[:50, ..., :1], photos[50:, ..., :1], binary=False)
+  training.check_model_fits(tfvae.ModelConfig(image_shape=(8, 8, 1)), grey)
+
+
 def test_palette_bmps_are_refused_before_training(tmp_path):
   Image.fromarray(np.zeros((4, 4, 3), np.uint8)).convert("P").save(tmp_path / "a.bmp")
   with pytest.raises(data.DataError, match=r"a\.bmp: a palette BMP, .* convert it to PNG"):

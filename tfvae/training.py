@@ -295,7 +295,7 @@ def train(model_config: ModelConfig, train_config: TrainConfig, workdir: str | o
     if restart:
       runs.restart(workdir)
     dataset = _dataset(dataset, train_config)
-    _check_model_fits(model_config, dataset)
+    check_model_fits(model_config, dataset)
     run = runs.identity(model_config, train_config, runs.data_fingerprint(dataset))
     # The backup's epochs, or a finished run's (run.json), are where training starts.
     standing = runs.check(workdir, run, resume_epoch(workdir / "backup"))
@@ -405,11 +405,20 @@ def _workdir_of_this_task(workdir, strategy) -> tuple[pathlib.Path, bool]:
   return workdir, chief
 
 
-def _check_model_fits(model_config: ModelConfig, dataset: data_lib.Dataset) -> None:
+def check_model_fits(model_config: ModelConfig, dataset: data_lib.Dataset) -> None:
+  """Raises ConfigError, naming the fix, where model_config cannot model dataset's examples."""
   if tuple(model_config.image_shape) != dataset.image_shape:
     raise ConfigError(f"model image_shape {model_config.image_shape} does not match the"
                       f" {dataset.name} examples {dataset.image_shape}; build the config with"
                       f" tfvae.training.model_config_for(dataset)")
+  channels = dataset.image_shape[-1]
+  if (not dataset.vectors and channels > 1 and not dataset.binary
+      and LIKELIHOODS[model_config.likelihood].data == "binary"):
+    # Binarized, each channel keeps 1 bit of 8, too little for z to learn colour reliably.
+    raise ConfigError(f"{dataset.name} holds images of {channels} channels, which"
+                      f" likelihood={model_config.likelihood} would binarize channel by channel;"
+                      f" it is for black-and-white pixels. Pass"
+                      f" --likelihood=discretized_logistic (8-bit pixels) or gaussian")
   if dataset.vectors and model_config.likelihood == "bernoulli" and not dataset.binary:
     values = dataset.train.head(10_000)
     if values.min() < 0 or values.max() > 1:
