@@ -99,11 +99,13 @@ class _StopAfter(keras.callbacks.Callback):
       raise KeyboardInterrupt
 
 
-@pytest.mark.parametrize("schedule", ["burda", "cosine"])
-def test_a_resumed_run_continues_its_schedule_exactly(schedule, tmp_path, toy_dataset):
+@pytest.mark.parametrize("schedule, kl_warmup_steps", [("burda", 0), ("cosine", 12)])
+def test_a_resumed_run_continues_its_schedule_exactly(schedule, kl_warmup_steps, tmp_path,
+                                                      toy_dataset):
+  # Interrupted after 8 of 20 steps: the learning rate and the KL warm-up go on from step 8.
   dataset = toy_dataset(0, 220, 20)
   config = tfvae.ModelConfig(image_shape=(8, 8, 1), latent_size=2, hidden_sizes=(8,),
-                             likelihood="gaussian")
+                             likelihood="gaussian", kl_warmup_steps=kl_warmup_steps)
   train_config = tfvae.TrainConfig(epochs=5, batch_size=50, lr_schedule=schedule,
                                    validation_examples=20)
   straight = training.train(config, train_config, tmp_path / "straight", dataset=dataset,
