@@ -4,19 +4,20 @@
   python bench/colour.py                        # the table of docs/BENCHMARKS.md
   python bench/colour.py --runs='gaussian dense 40' --runs='gaussian spatial 14 lr=2e-3'
 
-Each run trains a conv VAE (conv_channels 16,32,64, Adam, batch 50) on 2,000 CIFAR-10 training
-JPEGs (200 a class, decoded with PIL) and reconstructs 200 test JPEGs (20 a class), as
-tests/test_model.py's colour test does. Prints a Markdown row per run:
+Each run trains a VAE (the conv net of conv_channels 16,32,64, or the MLP; Adam, batch 50) on
+2,000 CIFAR-10 training JPEGs (200 a class, decoded with PIL) and reconstructs 200 test JPEGs
+(20 a class), as tests/test_model.py's colour test does. Prints a Markdown row per run:
   - colour ratio: the mean over pixels of max - min across R, G and B, reconstructions over
     originals (0 for grey reconstructions);
   - R-B correlation: across test images, of the mean red-minus-blue of an original and of its
     reconstruction (about 0 where the colour is lost);
   - the last epoch's KL in nats (near 0: the posterior collapsed onto the prior).
 
-A run is `LIKELIHOOD LATENT EPOCHS [key=value ...]`: LATENT is dense (z of 32 through a Dense
-layer) or spatial (an 8x8x16 map, --spatial_latent); keys: lr (default 2e-3), warmup
-(kl_warmup_steps), size (16 averages 2x2 blocks of the 32x32 images), coupled (1 couples the
-discretized logistic's channels), scale (gaussian_fixed's observation_scale, default 0.1).
+A run is `LIKELIHOOD NET EPOCHS [key=value ...]`: NET is dense (the conv net, z of 32 through a
+Dense layer), spatial (the conv net, z an 8x8x16 map: --spatial_latent) or mlp (the MLP of one
+hidden layer of 500, z of 32); keys: lr (default 2e-3), warmup (kl_warmup_steps), size (16
+averages 2x2 blocks of the 32x32 images), coupled (1 couples the discretized logistic's
+channels), scale (gaussian_fixed's observation_scale, default 0.1).
 """
 
 import os
@@ -39,7 +40,8 @@ flags.DEFINE_multi_string("runs", [
     " warmup=200", "gaussian_fixed dense 14", "gaussian dense 14", "gaussian dense 40",
     "gaussian dense 40 size=16", "gaussian spatial 14 lr=1e-3", "gaussian spatial 14",
     "gaussian spatial 14 warmup=200", "bernoulli dense 14", "bernoulli dense 40",
-    "bernoulli dense 40 size=16"], "The runs, in order.")
+    "bernoulli dense 40 size=16", "discretized_logistic mlp 14", "gaussian_fixed mlp 14",
+    "gaussian mlp 14"], "The runs, in order.")
 FLAGS = flags.FLAGS
 
 
@@ -65,15 +67,16 @@ def run(spec: str, train_images: np.ndarray, test_images: np.ndarray) -> str:
 
   import tfvae
   from tfvae import data
-  likelihood, latent, epochs, *settings = spec.split()
+  likelihood, net, epochs, *settings = spec.split()
   options = dict(setting.split("=") for setting in settings)
   if options.get("size") == "16":
     train_images, test_images = _halved(train_images), _halved(test_images)
-  spatial = latent == "spatial"
+  spatial = net == "spatial"
   keras.utils.set_random_seed(0)
   config = tfvae.ModelConfig(
       image_shape=train_images.shape[1:], latent_size=1024 if spatial else 32,
-      spatial_latent=spatial, architecture="conv", conv_channels=(16, 32, 64),
+      spatial_latent=spatial, architecture="mlp" if net == "mlp" else "conv",
+      conv_channels=(16, 32, 64), hidden_sizes=(500,),
       likelihood=likelihood, coupled_channels=options.get("coupled") == "1",
       observation_scale=(float(options.get("scale", 0.1)) if likelihood == "gaussian_fixed"
                          else None),

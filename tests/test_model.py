@@ -313,12 +313,13 @@ _COLOUR_CASES = {
     # An 8x8x16 map with a KL warm-up, without which it collapses at this rate (BENCHMARKS.md).
     "gaussian": {"likelihood": "gaussian", "spatial_latent": True, "latent_size": 1024,
                  "kl_warmup_steps": 200},
+    "gaussian_mlp": {"likelihood": "gaussian", "architecture": "mlp", "hidden_sizes": (500,)},
 }
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case", _COLOUR_CASES)
-def test_conv_reconstructions_of_real_colour_images_keep_their_colour(cifar_jpegs, case):
+def test_reconstructions_of_real_colour_images_keep_their_colour(cifar_jpegs, case):
   train_images, test_images = cifar_jpegs
   keras.utils.set_random_seed(0)
   config = tfvae.ModelConfig(**{"image_shape": (32, 32, 3), "latent_size": 32,
